@@ -33,9 +33,9 @@ pub const GRANULARITY_MAX_BYTES: u32 = 64 * 1024 * 1024;
 pub const BITMAP_PAGE_BYTES: u64 = 4 * KIB;
 
 const _: () = assert!(SLOT_SIZE_BYTES * SLOT_COUNT <= AL_OFFSET_BYTES);
-const _: () = assert!(BITMAP_OFFSET_BYTES % BITMAP_PAGE_BYTES == 0);
+const _: () = assert!(BITMAP_OFFSET_BYTES.is_multiple_of(BITMAP_PAGE_BYTES));
 const _: () = assert!(BITMAP_OFFSET_BYTES < MD_ALIGN_BYTES);
-const _: () = assert!(MD_ALIGN_BYTES % GRANULARITY_MIN_BYTES as u64 == 0);
+const _: () = assert!(MD_ALIGN_BYTES.is_multiple_of(GRANULARITY_MIN_BYTES as u64));
 
 /// The placement of every region on one disk. Stored in the superblock so a
 /// later change of the sizing rule never moves existing data.
@@ -81,7 +81,7 @@ impl Layout {
     pub fn validate(&self, disk_size: u64) -> Result<(), Error> {
         check_granularity(self.granularity)?;
         let invalid = |reason: &str| Err(Error::InvalidLayout(reason.to_string()));
-        if self.data_offset % MD_ALIGN_BYTES != 0 || self.data_offset == 0 {
+        if !self.data_offset.is_multiple_of(MD_ALIGN_BYTES) || self.data_offset == 0 {
             return invalid("data offset is not a non-zero multiple of 1 MiB");
         }
         if self.al_offset != AL_OFFSET_BYTES || self.al_size != AL_SIZE_BYTES {
@@ -91,7 +91,7 @@ impl Layout {
             return invalid("bitmap is not where format version 1 puts it");
         }
         let granules = self.data_size / u64::from(self.granularity);
-        if self.data_size == 0 || self.data_size % u64::from(self.granularity) != 0 {
+        if self.data_size == 0 || !self.data_size.is_multiple_of(u64::from(self.granularity)) {
             return invalid("data size is not a non-zero multiple of the granularity");
         }
         if self.bitmap_size < granules.div_ceil(8) {

@@ -27,7 +27,9 @@ pub enum Error {
     Corrupt { slot0: String, slot1: String },
     #[error("Invalid metadata layout: {0}")]
     InvalidLayout(String),
-    #[error("Disk is {disk_size} bytes but its metadata needs {needed}: was it shrunk or replaced?")]
+    #[error(
+        "Disk is {disk_size} bytes but its metadata needs {needed}: was it shrunk or replaced?"
+    )]
     DiskShrank { needed: u64, disk_size: u64 },
     #[error("Disk of {disk_size} bytes is too small: blkmirror needs at least {minimum}")]
     DiskTooSmall { disk_size: u64, minimum: u64 },
@@ -131,7 +133,10 @@ mod tests {
         let f = tempfile::tempfile().unwrap();
         f.set_len(16 * layout::MIB).unwrap();
         create(&f, &opts(false)).unwrap();
-        assert!(matches!(create(&f, &opts(false)), Err(Error::InUse("blkmirror metadata"))));
+        assert!(matches!(
+            create(&f, &opts(false)),
+            Err(Error::InUse("blkmirror metadata"))
+        ));
         create(&f, &opts(true)).unwrap();
 
         let g = tempfile::tempfile().unwrap();

@@ -11,16 +11,56 @@ struct Signature {
 }
 
 const SIGNATURES: &[Signature] = &[
-    Signature { name: "blkmirror metadata", offset: 0, bytes: b"BLKMIRMD" },
-    Signature { name: "blkmirror metadata", offset: 4096, bytes: b"BLKMIRMD" },
-    Signature { name: "ext2/3/4", offset: 1080, bytes: &[0x53, 0xEF] },
-    Signature { name: "XFS", offset: 0, bytes: b"XFSB" },
-    Signature { name: "btrfs", offset: 65600, bytes: b"_BHRfS_M" },
-    Signature { name: "LVM2 physical volume", offset: 536, bytes: b"LVM2 001" },
-    Signature { name: "GPT partition table", offset: 512, bytes: b"EFI PART" },
-    Signature { name: "Linux swap", offset: 4086, bytes: b"SWAPSPACE2" },
-    Signature { name: "LUKS", offset: 0, bytes: b"LUKS\xba\xbe" },
-    Signature { name: "DOS partition table / boot sector", offset: 510, bytes: &[0x55, 0xAA] },
+    Signature {
+        name: "blkmirror metadata",
+        offset: 0,
+        bytes: b"BLKMIRMD",
+    },
+    Signature {
+        name: "blkmirror metadata",
+        offset: 4096,
+        bytes: b"BLKMIRMD",
+    },
+    Signature {
+        name: "ext2/3/4",
+        offset: 1080,
+        bytes: &[0x53, 0xEF],
+    },
+    Signature {
+        name: "XFS",
+        offset: 0,
+        bytes: b"XFSB",
+    },
+    Signature {
+        name: "btrfs",
+        offset: 65600,
+        bytes: b"_BHRfS_M",
+    },
+    Signature {
+        name: "LVM2 physical volume",
+        offset: 536,
+        bytes: b"LVM2 001",
+    },
+    Signature {
+        name: "GPT partition table",
+        offset: 512,
+        bytes: b"EFI PART",
+    },
+    Signature {
+        name: "Linux swap",
+        offset: 4086,
+        bytes: b"SWAPSPACE2",
+    },
+    Signature {
+        name: "LUKS",
+        offset: 0,
+        bytes: b"LUKS\xba\xbe",
+    },
+    Signature {
+        name: "DOS partition table / boot sector",
+        offset: 510,
+        bytes: &[0x55, 0xAA],
+    },
 ];
 
 /// Names the first signature found on the device, if any. Regions beyond the

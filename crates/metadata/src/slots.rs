@@ -52,9 +52,9 @@ pub fn read_slot(dev: &impl MetaDevice, slot: u64) -> Result<SlotState, Error> {
             source,
         })?;
     Ok(match Superblock::decode(&buf) {
-        Ok(sb) if sb.sequence % SLOT_COUNT != slot => {
-            SlotState::Corrupt(DecodeError::InvalidField("sequence does not belong in this slot"))
-        }
+        Ok(sb) if sb.sequence % SLOT_COUNT != slot => SlotState::Corrupt(
+            DecodeError::InvalidField("sequence does not belong in this slot"),
+        ),
         Ok(sb) => SlotState::Valid(Box::new(sb)),
         Err(DecodeError::NoMagic) => SlotState::Empty,
         Err(e) => SlotState::Corrupt(e),
@@ -177,7 +177,10 @@ mod tests {
         dev.write_all_at(&[0xAB; 100], slot_offset(0) + 50).unwrap();
         let loaded = load(&dev).unwrap();
         assert_eq!(loaded.superblock.generations.current, 1);
-        assert!(matches!(loaded.other_slot_damage, Some(DecodeError::Checksum { .. })));
+        assert!(matches!(
+            loaded.other_slot_damage,
+            Some(DecodeError::Checksum { .. })
+        ));
         // The next write repairs the torn slot.
         let mut next = loaded.superblock;
         store(&dev, &mut next).unwrap();

@@ -105,20 +105,33 @@ pub enum DecodeError {
 impl Superblock {
     pub fn encode(&self) -> [u8; ENCODED_BYTES] {
         let mut out = [0u8; ENCODED_BYTES];
-        let mut w = Writer { buf: &mut out, pos: 0 };
+        let mut w = Writer {
+            buf: &mut out,
+            pos: 0,
+        };
         w.put(&MAGIC);
         w.put(&FORMAT_VERSION.to_le_bytes());
         w.put(&(ENCODED_BYTES as u32).to_le_bytes());
         w.put(&self.sequence.to_le_bytes());
         w.put(self.volume_uuid.as_bytes());
         let name = self.node_name.as_bytes();
-        assert!(name.len() <= NODE_NAME_MAX_BYTES, "node name checked at creation");
+        assert!(
+            name.len() <= NODE_NAME_MAX_BYTES,
+            "node name checked at creation"
+        );
         w.put(&[name.len() as u8]);
         let mut name_field = [0u8; NODE_NAME_MAX_BYTES];
         name_field[..name.len()].copy_from_slice(name);
         w.put(&name_field);
         let l = &self.layout;
-        for v in [l.data_offset, l.data_size, l.al_offset, l.al_size, l.bitmap_offset, l.bitmap_size] {
+        for v in [
+            l.data_offset,
+            l.data_size,
+            l.al_offset,
+            l.al_size,
+            l.bitmap_offset,
+            l.bitmap_size,
+        ] {
             w.put(&v.to_le_bytes());
         }
         w.put(&l.granularity.to_le_bytes());
@@ -146,7 +159,8 @@ impl Superblock {
         if version != FORMAT_VERSION {
             return Err(DecodeError::UnsupportedVersion(version));
         }
-        let stored = u32::from_le_bytes(bytes[ENCODED_BYTES - 4..ENCODED_BYTES].try_into().unwrap());
+        let stored =
+            u32::from_le_bytes(bytes[ENCODED_BYTES - 4..ENCODED_BYTES].try_into().unwrap());
         let computed = crc32c::crc32c(&bytes[..ENCODED_BYTES - 4]);
         if stored != computed {
             return Err(DecodeError::Checksum { stored, computed });
@@ -173,7 +187,8 @@ impl Superblock {
             bitmap_size: r.u64(),
             granularity: r.u32(),
         };
-        let flags = Flags::from_bits(r.u32()).ok_or(DecodeError::InvalidField("unknown flag bits"))?;
+        let flags =
+            Flags::from_bits(r.u32()).ok_or(DecodeError::InvalidField("unknown flag bits"))?;
         let generations = Generations {
             current: r.u64(),
             bitmap: r.u64(),
@@ -256,7 +271,10 @@ mod tests {
         for bit in 0..ENCODED_BYTES * 8 {
             let mut bad = encoded;
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(Superblock::decode(&bad).is_err(), "bit {bit} flip went unnoticed");
+            assert!(
+                Superblock::decode(&bad).is_err(),
+                "bit {bit} flip went unnoticed"
+            );
         }
     }
 
@@ -270,14 +288,21 @@ mod tests {
     fn newer_format_is_refused_by_name() {
         let mut bytes = sample().encode();
         bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
-        assert_eq!(Superblock::decode(&bytes), Err(DecodeError::UnsupportedVersion(2)));
+        assert_eq!(
+            Superblock::decode(&bytes),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
     }
 
     #[test]
     fn new_generation_keeps_the_old_as_bitmap_base() {
         let mut g = Generations::default();
         g.start_new(10);
-        assert_eq!((g.current, g.bitmap), (10, 0), "first generation has no base");
+        assert_eq!(
+            (g.current, g.bitmap),
+            (10, 0),
+            "first generation has no base"
+        );
         g.start_new(11);
         assert_eq!((g.current, g.bitmap, g.history), (11, 10, [0, 0]));
         g.start_new(12);
@@ -294,18 +319,21 @@ mod tests {
             any::<[u64; 4]>(),
             any::<u64>(),
         )
-            .prop_map(|(sequence, uuid, node_name, disk_mib, flags, g, created)| Superblock {
-                sequence,
-                volume_uuid: Uuid::from_u128(uuid),
-                node_name,
-                layout: Layout::for_disk((disk_mib + 2) * MIB, GRANULARITY_DEFAULT_BYTES).unwrap(),
-                flags: Flags::from_bits_truncate(flags),
-                generations: Generations {
-                    current: g[0],
-                    bitmap: g[1],
-                    history: [g[2], g[3]],
-                },
-                created_unix_s: created,
+            .prop_map(|(sequence, uuid, node_name, disk_mib, flags, g, created)| {
+                Superblock {
+                    sequence,
+                    volume_uuid: Uuid::from_u128(uuid),
+                    node_name,
+                    layout: Layout::for_disk((disk_mib + 2) * MIB, GRANULARITY_DEFAULT_BYTES)
+                        .unwrap(),
+                    flags: Flags::from_bits_truncate(flags),
+                    generations: Generations {
+                        current: g[0],
+                        bitmap: g[1],
+                        history: [g[2], g[3]],
+                    },
+                    created_unix_s: created,
+                }
             })
     }
 
