@@ -1,1 +1,321 @@
+//! The resource configuration: one TOML file naming both nodes.
+//!
+//! ```toml
+//! name = "r0"
+//! protocol = "C"
+//! [nodes.alpha]
+//! disk = "/var/lib/blkmirror/alpha.img"
+//! links = ["127.0.0.1:7801", "127.0.0.1:7811"]
+//! control = "/run/blkmirror/r0-alpha.ctl"   # optional
+//! nbd = "unix:/run/blkmirror/r0-alpha.nbd"  # optional; or "tcp:127.0.0.1:10809"
+//! [nodes.beta]
+//! disk = "/var/lib/blkmirror/beta.img"
+//! links = ["127.0.0.1:7802", "127.0.0.1:7812"]
+//! ```
 #![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where runtime sockets go when the config does not say.
+pub const RUN_DIR_DEFAULT: &str = "/run/blkmirror";
+pub const LINKS_MAX: usize = 2;
+pub const NAME_MAX_BYTES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Config {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("Config {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("Config {path} has no node {node:?} (it names: {known})")]
+    UnknownNode {
+        path: PathBuf,
+        node: String,
+        known: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    /// Acknowledged once the local disk has it and it is queued for the peer.
+    A,
+    /// Acknowledged once the local disk has it and the peer has received it.
+    B,
+    /// Acknowledged once both disks have it.
+    C,
+}
+
+/// Where a node serves NBD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Endpoint, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            Ok(Endpoint::Unix(PathBuf::from(path)))
+        } else if let Some(addr) = s.strip_prefix("tcp:") {
+            addr.parse()
+                .map(Endpoint::Tcp)
+                .map_err(|_| format!("{addr:?} is not an IP:PORT address"))
+        } else {
+            Err(format!("{s:?} must start with unix: or tcp:"))
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub disk: PathBuf,
+    pub links: Vec<SocketAddr>,
+    pub control: PathBuf,
+    pub nbd: Endpoint,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub path: PathBuf,
+    pub name: String,
+    pub protocol: Protocol,
+    pub nodes: BTreeMap<String, NodeConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: String,
+    #[serde(default = "default_protocol")]
+    protocol: Protocol,
+    nodes: BTreeMap<String, RawNode>,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::C
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    disk: PathBuf,
+    links: Vec<String>,
+    control: Option<PathBuf>,
+    nbd: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| Error::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let invalid = |key: &str, message: String| Error::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        check_name(&raw.name).map_err(|m| invalid("name", m))?;
+        if raw.nodes.len() != 2 {
+            return Err(invalid(
+                "nodes",
+                format!("a resource names exactly two nodes, found {}", raw.nodes.len()),
+            ));
+        }
+        let mut nodes = BTreeMap::new();
+        for (node_name, node) in raw.nodes {
+            let key = |field: &str| format!("nodes.{node_name}.{field}");
+            check_name(&node_name).map_err(|m| invalid(&format!("nodes.{node_name}"), m))?;
+            if node.disk.as_os_str().is_empty() {
+                return Err(invalid(&key("disk"), "must name a block device or file".into()));
+            }
+            if node.links.is_empty() || node.links.len() > LINKS_MAX {
+                return Err(invalid(
+                    &key("links"),
+                    format!("needs 1 or {LINKS_MAX} addresses, found {}", node.links.len()),
+                ));
+            }
+            let links = node
+                .links
+                .iter()
+                .map(|l| {
+                    l.parse::<SocketAddr>()
+                        .map_err(|_| invalid(&key("links"), format!("{l:?} is not an IP:PORT address")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let run = Path::new(RUN_DIR_DEFAULT);
+            let nbd = match node.nbd {
+                Some(s) => s.parse().map_err(|m| invalid(&key("nbd"), m))?,
+                None => Endpoint::Unix(run.join(format!("{}-{node_name}.nbd", raw.name))),
+            };
+            let control = node
+                .control
+                .unwrap_or_else(|| run.join(format!("{}-{node_name}.ctl", raw.name)));
+            nodes.insert(
+                node_name.clone(),
+                NodeConfig {
+                    name: node_name,
+                    disk: node.disk,
+                    links,
+                    control,
+                    nbd,
+                },
+            );
+        }
+        let link_counts: Vec<usize> = nodes.values().map(|n| n.links.len()).collect();
+        if link_counts[0] != link_counts[1] {
+            return Err(invalid(
+                "nodes.*.links",
+                "both nodes need the same number of links (link i pairs with the peer's link i)".into(),
+            ));
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            name: raw.name,
+            protocol: raw.protocol,
+            nodes,
+        })
+    }
+
+    pub fn node(&self, name: &str) -> Result<&NodeConfig, Error> {
+        self.nodes.get(name).ok_or_else(|| Error::UnknownNode {
+            path: self.path.clone(),
+            node: name.to_string(),
+            known: self.nodes.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// The other node of the pair.
+    pub fn peer_of(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.values().find(|n| n.name != name)
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > NAME_MAX_BYTES {
+        return Err(format!("must be 1 to {NAME_MAX_BYTES} bytes long"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!("{name:?} may only contain letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "r0"
+[nodes.alpha]
+disk = "/tmp/a.img"
+links = ["127.0.0.1:7801", "127.0.0.1:7811"]
+nbd = "tcp:127.0.0.1:10809"
+[nodes.beta]
+disk = "/tmp/b.img"
+links = ["127.0.0.1:7802", "127.0.0.1:7812"]
+control = "/tmp/b.ctl"
+"#;
+
+    fn parse(text: &str) -> Result<Config, Error> {
+        Config::parse(text, Path::new("/etc/blkmirror/r0.toml"))
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.protocol, Protocol::C);
+        let a = c.node("alpha").unwrap();
+        assert_eq!(a.nbd, Endpoint::Tcp("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(a.control, Path::new("/run/blkmirror/r0-alpha.ctl"));
+        let b = c.node("beta").unwrap();
+        assert_eq!(b.nbd, Endpoint::Unix("/run/blkmirror/r0-beta.nbd".into()));
+        assert_eq!(b.control, Path::new("/tmp/b.ctl"));
+        assert_eq!(c.peer_of("alpha").unwrap().name, "beta");
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = error_of(&GOOD.replace("tcp:127.0.0.1:10809", "http://x"));
+        assert!(e.contains("/etc/blkmirror/r0.toml") && e.contains("nodes.alpha.nbd"), "{e}");
+        let e = error_of(&GOOD.replace("127.0.0.1:7811", "nonsense"));
+        assert!(e.contains("nodes.alpha.links") && e.contains("nonsense"), "{e}");
+        let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r 0\""));
+        assert!(e.contains("key `name`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_protocols_are_refused() {
+        let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r0\"\nprotocl = \"C\""));
+        assert!(e.contains("protocl"), "{e}");
+        let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r0\"\nprotocol = \"D\""));
+        assert!(e.contains("protocol") || e.contains("D"), "{e}");
+    }
+
+    #[test]
+    fn link_counts_must_match_and_be_bounded() {
+        let e = error_of(&GOOD.replace(", \"127.0.0.1:7812\"", ""));
+        assert!(e.contains("same number of links"), "{e}");
+        let e = error_of(&GOOD.replace("\"127.0.0.1:7811\"", "\"127.0.0.1:7811\", \"127.0.0.1:7821\""));
+        assert!(e.contains("1 or 2"), "{e}");
+    }
+
+    #[test]
+    fn exactly_two_nodes() {
+        let one = GOOD.split("[nodes.beta]").next().unwrap();
+        assert!(error_of(one).contains("exactly two nodes"));
+    }
+
+    #[test]
+    fn unknown_node_lists_the_known_ones() {
+        let c = parse(GOOD).unwrap();
+        let e = c.node("gamma").unwrap_err().to_string();
+        assert!(e.contains("gamma") && e.contains("alpha, beta"), "{e}");
+    }
+}
