@@ -158,7 +158,10 @@ impl Config {
         if raw.nodes.len() != 2 {
             return Err(invalid(
                 "nodes",
-                format!("a resource names exactly two nodes, found {}", raw.nodes.len()),
+                format!(
+                    "a resource names exactly two nodes, found {}",
+                    raw.nodes.len()
+                ),
             ));
         }
         let mut nodes = BTreeMap::new();
@@ -166,20 +169,27 @@ impl Config {
             let key = |field: &str| format!("nodes.{node_name}.{field}");
             check_name(&node_name).map_err(|m| invalid(&format!("nodes.{node_name}"), m))?;
             if node.disk.as_os_str().is_empty() {
-                return Err(invalid(&key("disk"), "must name a block device or file".into()));
+                return Err(invalid(
+                    &key("disk"),
+                    "must name a block device or file".into(),
+                ));
             }
             if node.links.is_empty() || node.links.len() > LINKS_MAX {
                 return Err(invalid(
                     &key("links"),
-                    format!("needs 1 or {LINKS_MAX} addresses, found {}", node.links.len()),
+                    format!(
+                        "needs 1 or {LINKS_MAX} addresses, found {}",
+                        node.links.len()
+                    ),
                 ));
             }
             let links = node
                 .links
                 .iter()
                 .map(|l| {
-                    l.parse::<SocketAddr>()
-                        .map_err(|_| invalid(&key("links"), format!("{l:?} is not an IP:PORT address")))
+                    l.parse::<SocketAddr>().map_err(|_| {
+                        invalid(&key("links"), format!("{l:?} is not an IP:PORT address"))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let run = Path::new(RUN_DIR_DEFAULT);
@@ -205,7 +215,8 @@ impl Config {
         if link_counts[0] != link_counts[1] {
             return Err(invalid(
                 "nodes.*.links",
-                "both nodes need the same number of links (link i pairs with the peer's link i)".into(),
+                "both nodes need the same number of links (link i pairs with the peer's link i)"
+                    .into(),
             ));
         }
         Ok(Config {
@@ -238,7 +249,9 @@ fn check_name(name: &str) -> Result<(), String> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        return Err(format!("{name:?} may only contain letters, digits, '-', '_' and '.'"));
+        return Err(format!(
+            "{name:?} may only contain letters, digits, '-', '_' and '.'"
+        ));
     }
     Ok(())
 }
@@ -283,9 +296,15 @@ control = "/tmp/b.ctl"
     #[test]
     fn errors_name_file_and_key() {
         let e = error_of(&GOOD.replace("tcp:127.0.0.1:10809", "http://x"));
-        assert!(e.contains("/etc/blkmirror/r0.toml") && e.contains("nodes.alpha.nbd"), "{e}");
+        assert!(
+            e.contains("/etc/blkmirror/r0.toml") && e.contains("nodes.alpha.nbd"),
+            "{e}"
+        );
         let e = error_of(&GOOD.replace("127.0.0.1:7811", "nonsense"));
-        assert!(e.contains("nodes.alpha.links") && e.contains("nonsense"), "{e}");
+        assert!(
+            e.contains("nodes.alpha.links") && e.contains("nonsense"),
+            "{e}"
+        );
         let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r 0\""));
         assert!(e.contains("key `name`"), "{e}");
     }
@@ -302,7 +321,10 @@ control = "/tmp/b.ctl"
     fn link_counts_must_match_and_be_bounded() {
         let e = error_of(&GOOD.replace(", \"127.0.0.1:7812\"", ""));
         assert!(e.contains("same number of links"), "{e}");
-        let e = error_of(&GOOD.replace("\"127.0.0.1:7811\"", "\"127.0.0.1:7811\", \"127.0.0.1:7821\""));
+        let e = error_of(&GOOD.replace(
+            "\"127.0.0.1:7811\"",
+            "\"127.0.0.1:7811\", \"127.0.0.1:7821\"",
+        ));
         assert!(e.contains("1 or 2"), "{e}");
     }
 

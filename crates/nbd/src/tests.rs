@@ -1,0 +1,202 @@
+//! The server against an in-memory backend, driven by our client and by raw
+//! bytes over an in-process pipe.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::proto::*;
+use crate::server::{serve_connection, Backend, BackendError};
+use crate::{Client, ClientError};
+
+struct MemDisk {
+    data: Mutex<Vec<u8>>,
+    refuse: Option<String>,
+}
+
+impl Backend for MemDisk {
+    type Buf = Vec<u8>;
+    fn export_name(&self) -> &str {
+        "r0"
+    }
+    fn description(&self) -> String {
+        "test disk".into()
+    }
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn refusal(&self) -> Option<String> {
+        self.refuse.clone()
+    }
+    fn alloc(&self, len: usize) -> Vec<u8> {
+        vec![0; len]
+    }
+    async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, BackendError> {
+        let d = self.data.lock().unwrap();
+        Ok(d[offset as usize..offset as usize + len as usize].to_vec())
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> Result<(), BackendError> {
+        self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
+            .copy_from_slice(&data);
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    async fn zero(
+        &self,
+        offset: u64,
+        len: u32,
+        _unmap: bool,
+        _fua: bool,
+    ) -> Result<(), BackendError> {
+        self.data.lock().unwrap()[offset as usize..offset as usize + len as usize].fill(0);
+        Ok(())
+    }
+}
+
+fn disk(refuse: Option<&str>) -> Arc<MemDisk> {
+    Arc::new(MemDisk {
+        data: Mutex::new(vec![0; 1 << 20]),
+        refuse: refuse.map(str::to_string),
+    })
+}
+
+async fn connect(backend: Arc<MemDisk>, export: &str) -> Result<Client, ClientError> {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    tokio::spawn(serve_connection(b, backend));
+    Client::handshake(Box::new(a), export).await
+}
+
+#[tokio::test]
+async fn write_read_trim_over_go() {
+    let backend = disk(None);
+    let mut c = connect(backend.clone(), "r0").await.unwrap();
+    assert_eq!(c.size(), 1 << 20);
+    assert_ne!(c.transmission_flags() & TFLAG_CAN_MULTI_CONN, 0);
+    c.write(100, b"hello", true).await.unwrap();
+    assert_eq!(c.read(100, 5).await.unwrap(), b"hello");
+    c.trim(100, 2).await.unwrap();
+    assert_eq!(c.read(100, 5).await.unwrap(), b"\0\0llo");
+    c.flush().await.unwrap();
+    c.disconnect().await.unwrap();
+}
+
+#[tokio::test]
+async fn default_export_name_is_accepted_and_others_are_not() {
+    assert!(connect(disk(None), "").await.is_ok());
+    match connect(disk(None), "other").await {
+        Err(ClientError::Refused { message, .. }) => assert!(message.contains("other")),
+        other => panic!("expected refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn refusal_reason_reaches_the_client() {
+    match connect(disk(Some("node is Secondary")), "r0").await {
+        Err(ClientError::Refused { message, .. }) => assert_eq!(message, "node is Secondary"),
+        other => panic!("expected refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn out_of_range_requests_fail_without_touching_data() {
+    let backend = disk(None);
+    let mut c = connect(backend.clone(), "r0").await.unwrap();
+    let size = c.size();
+    assert!(matches!(
+        c.read(size - 1, 2).await,
+        Err(ClientError::Request(22, _))
+    ));
+    assert!(matches!(
+        c.write(size - 1, b"ab", false).await,
+        Err(ClientError::Request(28, _))
+    ));
+    assert!(matches!(
+        c.write_zeroes(size, 1, false).await,
+        Err(ClientError::Request(28, _))
+    ));
+    // The connection is still usable afterwards.
+    c.write(0, b"ok", false).await.unwrap();
+    assert_eq!(c.read(0, 2).await.unwrap(), b"ok");
+    assert!(backend.data.lock().unwrap()[2..].iter().all(|&b| b == 0));
+}
+
+/// Drives the raw handshake up to transmission with EXPORT_NAME.
+async fn raw_export_name(stream: &mut tokio::io::DuplexStream) {
+    let mut hello = [0u8; 18];
+    stream.read_exact(&mut hello).await.unwrap();
+    stream
+        .write_u32(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES)
+        .await
+        .unwrap();
+    stream.write_u64(IHAVEOPT).await.unwrap();
+    stream.write_u32(OPT_EXPORT_NAME).await.unwrap();
+    stream.write_u32(2).await.unwrap();
+    stream.write_all(b"r0").await.unwrap();
+    assert_eq!(stream.read_u64().await.unwrap(), 1 << 20);
+    stream.read_u16().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_command_gets_einval_and_garbage_closes() {
+    let (mut a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(serve_connection(b, disk(None)));
+    raw_export_name(&mut a).await;
+    let unknown = RequestHeader {
+        flags: 0,
+        command: Command::Unknown(77),
+        handle: 5,
+        offset: 0,
+        length: 0,
+    };
+    a.write_all(&unknown.encode()).await.unwrap();
+    let mut reply = [0u8; 16];
+    a.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply, simple_reply(5, Errno::Inval as u32));
+    a.write_all(&[0xAB; 28]).await.unwrap();
+    let mut rest = Vec::new();
+    a.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert!(
+        server.await.unwrap().is_err(),
+        "garbage is reported as a protocol error"
+    );
+}
+
+#[tokio::test]
+async fn unsupported_options_get_err_unsup_and_negotiation_continues() {
+    let (mut a, b) = tokio::io::duplex(1 << 16);
+    tokio::spawn(serve_connection(b, disk(None)));
+    let mut hello = [0u8; 18];
+    a.read_exact(&mut hello).await.unwrap();
+    a.write_u32(CLIENT_FLAG_FIXED_NEWSTYLE).await.unwrap();
+    a.write_u64(IHAVEOPT).await.unwrap();
+    a.write_u32(99).await.unwrap();
+    a.write_u32(3).await.unwrap();
+    a.write_all(b"xyz").await.unwrap();
+    assert_eq!(a.read_u64().await.unwrap(), OPTION_REPLY_MAGIC);
+    assert_eq!(a.read_u32().await.unwrap(), 99);
+    assert_eq!(a.read_u32().await.unwrap(), REP_ERR_UNSUP);
+    let len = a.read_u32().await.unwrap();
+    let mut msg = vec![0u8; len as usize];
+    a.read_exact(&mut msg).await.unwrap();
+    // Still negotiating: LIST works.
+    a.write_u64(IHAVEOPT).await.unwrap();
+    a.write_u32(OPT_LIST).await.unwrap();
+    a.write_u32(0).await.unwrap();
+    assert_eq!(a.read_u64().await.unwrap(), OPTION_REPLY_MAGIC);
+    assert_eq!(a.read_u32().await.unwrap(), OPT_LIST);
+    assert_eq!(a.read_u32().await.unwrap(), REP_SERVER);
+}
+
+#[tokio::test]
+async fn truncated_handshake_ends_quietly() {
+    let (mut a, b) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(serve_connection(b, disk(None)));
+    let mut hello = [0u8; 18];
+    a.read_exact(&mut hello).await.unwrap();
+    a.write_all(&[0, 0]).await.unwrap(); // half of the client flags
+    drop(a);
+    assert!(server.await.unwrap().is_err());
+}
