@@ -1,1 +1,106 @@
-fn main() {}
+//! `blkmirror`: the command-line tool and the node daemon (`up`).
+#![forbid(unsafe_code)]
+
+mod commands;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "blkmirror",
+    version,
+    about = "Two-node block-level mirror with userspace block I/O"
+)]
+struct Cli {
+    /// The resource's config file.
+    #[arg(short = 'c', long = "config", env = "BLKMIRROR_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// This node's name in the config.
+    #[arg(short = 'n', long = "node", env = "BLKMIRROR_NODE", global = true)]
+    node: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Initialise the metadata area on this node's disk.
+    CreateMd {
+        /// Overwrite existing metadata or a file system signature.
+        #[arg(long)]
+        force: bool,
+        /// Dirty-bitmap granularity in bytes (a power of two, at least 4096).
+        #[arg(long, default_value_t = blkmirror_metadata::layout::GRANULARITY_DEFAULT_BYTES)]
+        granularity: u32,
+        /// Volume UUID to record (default: a new random one).
+        #[arg(long)]
+        volume_uuid: Option<uuid::Uuid>,
+    },
+    /// Print the metadata area of this node's disk.
+    DumpMd {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run this node in the foreground until `down`, SIGTERM or SIGINT.
+    Up,
+    /// Stop a running node cleanly.
+    Down,
+    /// Promote this node to primary.
+    Primary {
+        /// Promote even if the data is not UpToDate, declaring it valid.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Demote this node to secondary.
+    Secondary,
+    /// Show this node's state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the main job on this machine with an embedded default config.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    commands::init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blkmirror: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Demo = cli.command {
+        return demo::run().await;
+    }
+    let target = commands::Target::resolve(cli.config, cli.node)?;
+    match cli.command {
+        Command::CreateMd {
+            force,
+            granularity,
+            volume_uuid,
+        } => commands::create_md(&target, force, granularity, volume_uuid),
+        Command::DumpMd { json } => commands::dump_md(&target, json),
+        Command::Up => commands::up(&target).await,
+        Command::Down => commands::down(&target).await,
+        Command::Primary { force } => commands::primary(&target, force).await,
+        Command::Secondary => commands::secondary(&target).await,
+        Command::Status { json } => commands::status(&target, json).await,
+        Command::Demo => unreachable!("handled above"),
+    }
+}

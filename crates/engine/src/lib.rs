@@ -1,1 +1,72 @@
+//! A blkmirror node: the volume with its role and metadata, the data path
+//! from frontends to the backing store, and the control socket the CLI uses.
 #![forbid(unsafe_code)]
+
+pub mod control;
+pub mod frontend;
+pub mod node;
+pub mod volume;
+
+pub use volume::{DiskState, Role, Volume, VolumeStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] blkmirror_config::Error),
+    #[error("Disk {disk}: {source}")]
+    Disk {
+        disk: String,
+        #[source]
+        source: blkmirror_metadata::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] blkmirror_io::Error),
+    #[error("Disk {disk} carries the metadata of node {found:?}, not {expected:?}: check `disk` in the config")]
+    WrongDisk {
+        disk: String,
+        found: String,
+        expected: String,
+    },
+    #[error("This node is Secondary: only the primary serves I/O")]
+    NotPrimary,
+    #[error(
+        "Refusing to promote: this node's data is {disk_state:?}. Use `primary --force` only if \
+         you know this node holds the data to keep (it becomes the new generation)"
+    )]
+    NotUpToDate { disk_state: volume::DiskState },
+    #[error("Refusing to demote: {0} NBD client(s) still attached; disconnect them first")]
+    ClientsAttached(usize),
+    #[error("Range of {len} bytes at {offset} is outside the volume of {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("Another node is already up on {0}")]
+    AlreadyUp(String),
+    #[error("Cannot listen on {what}")]
+    Listen {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Node is not up (no control socket at {socket})")]
+    NotUp {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Control socket: {0}")]
+    Control(String),
+    #[error("Cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+impl Error {
+    /// The Linux errno a block-device client sees for this error: the one
+    /// mapping every frontend (NBD now, ublk later) uses.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io(e) => e.errno(),
+            Error::NotPrimary => 1,         // EPERM
+            Error::OutOfRange { .. } => 22, // EINVAL
+            _ => 5,                         // EIO
+        }
+    }
+}

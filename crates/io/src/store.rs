@@ -16,6 +16,15 @@ pub enum Engine {
     Sync,
 }
 
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Uring => "io_uring",
+            Engine::Sync => "pread/pwrite",
+        }
+    }
+}
+
 pub enum Store {
     Uring(UringStore),
     Sync(SyncStore),

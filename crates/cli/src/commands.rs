@@ -1,0 +1,216 @@
+//! One function per CLI command; the CLI's edge, where errors become text.
+
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context};
+use blkmirror_config::Config;
+use blkmirror_engine::control::{self, Request, Response};
+use blkmirror_engine::volume::{flag_names, GenerationsView};
+use blkmirror_engine::{DiskState, VolumeStatus};
+use blkmirror_metadata::{self as metadata, slots, CreateOptions};
+use serde_json::json;
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLKMIRROR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// The resource and node a command acts on.
+pub struct Target {
+    pub config: Config,
+    pub node: String,
+}
+
+impl Target {
+    pub fn resolve(config: Option<PathBuf>, node: Option<String>) -> anyhow::Result<Target> {
+        let path =
+            config.ok_or_else(|| anyhow!("no config: pass -c FILE or set BLKMIRROR_CONFIG"))?;
+        let config = Config::load(&path)?;
+        let node = node.ok_or_else(|| {
+            anyhow!(
+                "no node: pass -n NODE or set BLKMIRROR_NODE (config {} names: {})",
+                path.display(),
+                config.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        config.node(&node)?;
+        Ok(Target { config, node })
+    }
+
+    fn node_config(&self) -> &blkmirror_config::NodeConfig {
+        self.config.node(&self.node).expect("checked in resolve")
+    }
+
+    async fn call(&self, request: Request) -> anyhow::Result<Response> {
+        let response = control::call(&self.node_config().control, &request).await?;
+        match response {
+            Response::Error { message } => bail!("{message}"),
+            other => Ok(other),
+        }
+    }
+}
+
+fn open_disk(target: &Target, write: bool) -> anyhow::Result<(std::fs::File, u64)> {
+    let disk = &target.node_config().disk;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(disk)
+        .with_context(|| {
+            format!(
+                "cannot open disk {} of node {} (create it first, e.g. `truncate -s 1G {}`, \
+                 or point `disk` at a block device)",
+                disk.display(),
+                target.node,
+                disk.display()
+            )
+        })?;
+    let size = file
+        .seek(SeekFrom::End(0))
+        .with_context(|| format!("cannot size disk {}", disk.display()))?;
+    Ok((file, size))
+}
+
+pub fn create_md(
+    target: &Target,
+    force: bool,
+    granularity: u32,
+    volume_uuid: Option<uuid::Uuid>,
+) -> anyhow::Result<()> {
+    let (file, disk_size) = open_disk(target, true)?;
+    let disk = target.node_config().disk.display().to_string();
+    let sb = metadata::create(
+        &file,
+        &CreateOptions {
+            node_name: &target.node,
+            disk_size,
+            granularity,
+            volume_uuid: volume_uuid.unwrap_or_else(uuid::Uuid::new_v4),
+            force,
+        },
+    )
+    .with_context(|| format!("create-md on disk {disk}"))?;
+    println!(
+        "created metadata on {disk}: {} bytes of metadata, {} bytes of data, volume {}",
+        sb.layout.data_offset, sb.layout.data_size, sb.volume_uuid
+    );
+    Ok(())
+}
+
+pub fn dump_md(target: &Target, json: bool) -> anyhow::Result<()> {
+    let (file, disk_size) = open_disk(target, false)?;
+    let disk = target.node_config().disk.display().to_string();
+    let slot_states: Vec<String> = (0..2)
+        .map(|i| match slots::read_slot(&file, i) {
+            Ok(slots::SlotState::Empty) => "empty".to_string(),
+            Ok(slots::SlotState::Valid(sb)) => format!("valid, sequence {}", sb.sequence),
+            Ok(slots::SlotState::Corrupt(e)) => format!("corrupt: {e}"),
+            Err(e) => format!("unreadable: {e}"),
+        })
+        .collect();
+    let loaded =
+        metadata::open(&file, disk_size).with_context(|| format!("dump-md on disk {disk}"))?;
+    let sb = loaded.superblock;
+    let generations = GenerationsView::from(&sb.generations);
+    let doc = json!({
+        "disk": disk,
+        "disk_size": disk_size,
+        "format_version": metadata::superblock::FORMAT_VERSION,
+        "sequence": sb.sequence,
+        "node": sb.node_name,
+        "volume_uuid": sb.volume_uuid,
+        "data_offset": sb.layout.data_offset,
+        "data_size": sb.layout.data_size,
+        "bitmap_granularity": sb.layout.granularity,
+        "bitmap_offset": sb.layout.bitmap_offset,
+        "bitmap_size": sb.layout.bitmap_size,
+        "activity_log_offset": sb.layout.al_offset,
+        "activity_log_size": sb.layout.al_size,
+        "flags": flag_names(sb.flags),
+        "disk_state": DiskState::from_flags(sb.flags),
+        "generations": generations,
+        "created_unix_s": sb.created_unix_s,
+        "slots": slot_states,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let obj = doc.as_object().expect("built as an object");
+    for (key, value) in obj {
+        let text = match value {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("{key:<20} {text}");
+    }
+    Ok(())
+}
+
+pub async fn up(target: &Target) -> anyhow::Result<()> {
+    blkmirror_engine::node::run(&target.config, &target.node).await?;
+    Ok(())
+}
+
+pub async fn down(target: &Target) -> anyhow::Result<()> {
+    target.call(Request::Down).await?;
+    // `down` returns once the node has released its control socket.
+    let socket = &target.node_config().control;
+    for _ in 0..600 {
+        if !socket.exists() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    bail!("node {} did not go down within 30 s", target.node)
+}
+
+pub async fn primary(target: &Target, force: bool) -> anyhow::Result<()> {
+    target.call(Request::Primary { force }).await.map(drop)
+}
+
+pub async fn secondary(target: &Target) -> anyhow::Result<()> {
+    target.call(Request::Secondary).await.map(drop)
+}
+
+pub async fn fetch_status(target: &Target) -> anyhow::Result<VolumeStatus> {
+    match target.call(Request::Status).await? {
+        Response::Status(s) => Ok(*s),
+        other => bail!("unexpected answer to status: {other:?}"),
+    }
+}
+
+pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
+    let s = fetch_status(target).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", render_status(&s));
+    }
+    Ok(())
+}
+
+pub fn render_status(s: &VolumeStatus) -> String {
+    format!(
+        "{} on {}: role {:?}, disk {:?}\n  data {} bytes on {} ({}{})\n  volume {}, generation {} (bitmap {})\n  NBD clients attached: {}\n",
+        s.resource,
+        s.node,
+        s.role,
+        s.disk_state,
+        s.data_size,
+        s.disk,
+        s.io_engine,
+        if s.direct_io { ", O_DIRECT" } else { "" },
+        s.volume_uuid,
+        s.generations.current,
+        s.generations.bitmap,
+        s.nbd_clients,
+    )
+}

@@ -1,0 +1,150 @@
+//! Running a node: open the volume, serve NBD and the control socket, and
+//! shut down cleanly on `down`, SIGTERM or SIGINT.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use blkmirror_config::{Config, Endpoint};
+use blkmirror_nbd::Listener;
+use tokio::io::BufReader;
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::control::{self, Request, Response};
+use crate::frontend::NbdExport;
+use crate::volume::Volume;
+use crate::Error;
+
+/// Runs `node` of `config` in the foreground until it is told to stop.
+pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
+    let node_config = config.node(node)?;
+    let volume = Volume::open(&config.name, node_config)?;
+
+    let control_listener = bind_unix(&node_config.control).await?;
+    let nbd_listener =
+        match &node_config.nbd {
+            Endpoint::Unix(path) => Listener::Unix(bind_unix(path).await?),
+            Endpoint::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr).await.map_err(
+                |source| Error::Listen {
+                    what: format!("NBD on tcp:{addr}"),
+                    source,
+                },
+            )?),
+        };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let nbd_task = tokio::spawn(blkmirror_nbd::accept_loop(
+        nbd_listener,
+        Arc::new(NbdExport(volume.clone())),
+        stop_rx.clone(),
+    ));
+    tracing::info!(
+        resource = %config.name,
+        node,
+        nbd = %node_config.nbd,
+        control = %node_config.control.display(),
+        "node is up (Secondary); promote with `blkmirror primary`"
+    );
+    notify_systemd("READY=1");
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: going down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: going down"); break; }
+            accepted = control_listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                if handle_control(stream, &volume).await {
+                    break;
+                }
+            }
+        }
+    }
+    notify_systemd("STOPPING=1");
+    let _ = stop_tx.send(true);
+    let _ = nbd_task.await;
+    let result = volume.shutdown().await;
+    remove_socket(&node_config.control);
+    if let Endpoint::Unix(path) = &node_config.nbd {
+        remove_socket(path);
+    }
+    result?;
+    tracing::info!("node is down (clean shutdown recorded)");
+    Ok(())
+}
+
+/// Serves one control request. Returns true when the node must go down.
+async fn handle_control(stream: UnixStream, volume: &Arc<Volume>) -> bool {
+    let mut stream = BufReader::new(stream);
+    let request = match control::read_request(&mut stream).await {
+        Ok(r) => r,
+        Err(message) => {
+            let _ = control::write_response(&mut stream, &Response::Error { message }).await;
+            return false;
+        }
+    };
+    tracing::debug!(?request, "control request");
+    let (response, down) = match request {
+        Request::Status => (Response::Status(Box::new(volume.status())), false),
+        Request::Primary { force } => (to_response(volume.promote(force)), false),
+        Request::Secondary => (to_response(volume.demote().await), false),
+        Request::Down => (Response::Ok, true),
+    };
+    let _ = control::write_response(&mut stream, &response).await;
+    down
+}
+
+fn to_response(result: Result<(), Error>) -> Response {
+    match result {
+        Ok(()) => Response::Ok,
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Binds a Unix socket, replacing a stale file but never a live node's socket.
+async fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
+    let listen_err = |source| Error::Listen {
+        what: format!("unix:{}", path.display()),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(Error::AlreadyUp(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(listen_err)?;
+    }
+    UnixListener::bind(path).map_err(listen_err)
+}
+
+fn remove_socket(path: &PathBuf) {
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::debug!(path = %path.display(), error = %e, "socket already gone");
+    }
+}
+
+/// Tells systemd (Type=notify) about our state, when run under it.
+fn notify_systemd(state: &str) {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let sent = match socket.as_encoded_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+        }
+        None => sock.send_to(state.as_bytes(), &socket),
+    };
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
