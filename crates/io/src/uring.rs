@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -49,19 +50,41 @@ enum Message {
     Shutdown,
 }
 
+/// Wakes the ring thread at most once per batch of submissions: a submitter
+/// writes the eventfd only when it is the first since the thread last
+/// drained the channel (the thread zeroes the count before draining, so a
+/// message sent after that always triggers a fresh wake-up).
+struct Doorbell {
+    eventfd: EventFd,
+    pending: AtomicUsize,
+}
+
+impl Doorbell {
+    fn ring(&self) -> Result<(), Error> {
+        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.eventfd
+                .write(1)
+                .map_err(|e| Error::UringSetup(e.into()))?;
+        }
+        Ok(())
+    }
+}
+
 pub struct UringStore {
     file: Arc<BackingFile>,
     tx: mpsc::Sender<Message>,
-    wake: Arc<EventFd>,
+    wake: Arc<Doorbell>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl UringStore {
     pub fn new(file: Arc<BackingFile>) -> Result<UringStore, Error> {
         let ring = IoUring::new(RING_ENTRIES).map_err(Error::UringSetup)?;
-        let wake = Arc::new(
-            EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(|e| Error::UringSetup(e.into()))?,
-        );
+        let wake = Arc::new(Doorbell {
+            eventfd: EventFd::from_flags(EfdFlags::EFD_CLOEXEC)
+                .map_err(|e| Error::UringSetup(e.into()))?,
+            pending: AtomicUsize::new(0),
+        });
         let (tx, rx) = mpsc::channel();
         let thread = {
             let file = file.clone();
@@ -93,9 +116,7 @@ impl UringStore {
                 reply,
             }))
             .map_err(|_| Error::StoreClosed)?;
-        self.wake
-            .write(1)
-            .map_err(|e| Error::UringSetup(e.into()))?;
+        self.wake.ring()?;
         rx.await.map_err(|_| Error::StoreClosed)?
     }
 
@@ -123,7 +144,7 @@ impl UringStore {
 impl Drop for UringStore {
     fn drop(&mut self) {
         let _ = self.tx.send(Message::Shutdown);
-        let _ = self.wake.write(1);
+        let _ = self.wake.eventfd.write(1);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -133,7 +154,7 @@ impl Drop for UringStore {
 struct RingLoop {
     ring: IoUring,
     file: Arc<BackingFile>,
-    wake: Arc<EventFd>,
+    wake: Arc<Doorbell>,
     wake_buf: Box<[u8; 8]>,
     rx: mpsc::Receiver<Message>,
     slab: Vec<Option<InFlight>>,
@@ -146,7 +167,7 @@ impl RingLoop {
     fn new(
         ring: IoUring,
         file: Arc<BackingFile>,
-        wake: Arc<EventFd>,
+        wake: Arc<Doorbell>,
         rx: mpsc::Receiver<Message>,
     ) -> RingLoop {
         let slots = (RING_ENTRIES - 1) as usize;
@@ -206,6 +227,7 @@ impl RingLoop {
     }
 
     fn drain_channel(&mut self) {
+        self.wake.pending.store(0, Ordering::Release);
         loop {
             match self.rx.try_recv() {
                 Ok(Message::Submit(request)) => self.backlog.push_back(request),
@@ -220,7 +242,7 @@ impl RingLoop {
 
     fn arm_wake(&mut self) {
         let sqe = opcode::Read::new(
-            types::Fd(self.wake.as_raw_fd()),
+            types::Fd(self.wake.eventfd.as_raw_fd()),
             self.wake_buf.as_mut_ptr(),
             8,
         )

@@ -5,14 +5,20 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, Semaphore};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::mpsc;
 
 use crate::proto::*;
 
-/// Requests one connection may have in flight; the reader stops taking more
-/// until one completes (back-pressure to the client's socket).
+/// Requests one connection may have in flight; beyond that the reader stops
+/// taking more until one completes (back-pressure to the client's socket).
 pub const IN_FLIGHT_PER_CONNECTION_MAX: usize = 128;
+/// Requests read but not yet started, between the reader and the executor.
+const REQUEST_QUEUE_MAX: usize = 16;
+/// Socket reads are buffered so a burst of small requests costs one syscall.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
 /// A client that has not finished the handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -315,7 +321,7 @@ enum Reply<Buf> {
 }
 
 async fn transmission<R, W, B>(
-    mut reader: R,
+    reader: R,
     writer: BufWriter<W>,
     backend: Arc<B>,
     structured: bool,
@@ -325,10 +331,9 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
-    let (tx, rx) = mpsc::channel::<Reply<B::Buf>>(IN_FLIGHT_PER_CONNECTION_MAX);
-    let writer_task = tokio::spawn(write_replies(writer, rx, structured));
-    let permits = Arc::new(Semaphore::new(IN_FLIGHT_PER_CONNECTION_MAX));
-    let size = backend.size();
+    let (tx, rx) = mpsc::channel::<Parsed<B::Buf>>(REQUEST_QUEUE_MAX);
+    let executor = tokio::spawn(execute_and_reply(writer, rx, backend.clone(), structured));
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let outcome = loop {
         let mut header_bytes = [0u8; REQUEST_HEADER_BYTES];
         match reader.read_exact(&mut header_bytes).await {
@@ -352,25 +357,57 @@ where
         if header.command == Command::Disconnect {
             break Ok(());
         }
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore is never closed");
-        let backend = backend.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let reply = execute(&*backend, header, payload, size).await;
-            let _ = tx.send(reply).await;
-            drop(permit);
-        });
+        if tx.send((header, payload)).await.is_err() {
+            break Ok(()); // the executor stopped: its error is reported below
+        }
     };
     // Every request already read gets its reply before the connection closes.
     drop(tx);
-    let written = writer_task
+    let written = executor
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     outcome.and(written.map_err(Into::into))
+}
+
+/// A request as read off the wire: its header and, for writes, the payload.
+type Parsed<Buf> = (RequestHeader, Option<Buf>);
+
+/// Runs requests concurrently inside this one task and writes each reply as
+/// soon as its request completes, in whatever order that is.
+async fn execute_and_reply<W, B>(
+    mut writer: BufWriter<W>,
+    mut requests: mpsc::Receiver<Parsed<B::Buf>>,
+    backend: Arc<B>,
+    structured: bool,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    B: Backend,
+{
+    let size = backend.size();
+    let mut in_flight = FuturesUnordered::new();
+    let mut accepting = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
+                write_reply(&mut writer, reply, structured).await?;
+                // Batch whatever else has completed into the same flush.
+                while let Some(Some(reply)) = in_flight.next().now_or_never() {
+                    write_reply(&mut writer, reply, structured).await?;
+                }
+                writer.flush().await?;
+            }
+            request = requests.recv(), if accepting && in_flight.len() < IN_FLIGHT_PER_CONNECTION_MAX => {
+                match request {
+                    Some((header, payload)) => in_flight.push(execute(&*backend, header, payload, size)),
+                    None => accepting = false,
+                }
+            }
+            else => break,
+        }
+    }
+    writer.shutdown().await
 }
 
 async fn execute<B: Backend>(
@@ -422,26 +459,6 @@ async fn execute<B: Backend>(
         Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execution"),
     };
     Reply::Done { handle, result }
-}
-
-async fn write_replies<W, Buf>(
-    mut writer: BufWriter<W>,
-    mut rx: mpsc::Receiver<Reply<Buf>>,
-    structured: bool,
-) -> std::io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-    Buf: AsRef<[u8]>,
-{
-    while let Some(reply) = rx.recv().await {
-        write_reply(&mut writer, reply, structured).await?;
-        // Batch whatever else is ready into the same flush.
-        while let Ok(reply) = rx.try_recv() {
-            write_reply(&mut writer, reply, structured).await?;
-        }
-        writer.flush().await?;
-    }
-    writer.shutdown().await
 }
 
 async fn write_reply<W: AsyncWrite + Unpin, Buf: AsRef<[u8]>>(

@@ -1,0 +1,224 @@
+//! Shared helpers for the multi-process tests: a resource in a temporary
+//! directory, real `blkmirror up` processes, and third-party tools that are
+//! skipped with a printed reason when missing.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_blkmirror");
+pub const RESOURCE: &str = "r0";
+pub const DISK_BYTES: u64 = 64 << 20;
+/// Metadata area of a 64 MiB disk.
+pub const DATA_OFFSET: u64 = 1 << 20;
+pub const DATA_BYTES: u64 = DISK_BYTES - DATA_OFFSET;
+
+/// Returns false (after saying why) when `tool` is not installed.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        println!("skipped: {tool} is not installed (scripts/install-test-deps installs it)");
+    }
+    found
+}
+
+/// A two-node resource in a temporary directory; NBD over Unix sockets.
+pub struct Resource {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Resource {
+    pub fn new() -> Resource {
+        Resource::with_nbd(|dir, node| format!("unix:{}/{node}.nbd", dir.display()))
+    }
+
+    pub fn with_nbd(nbd: impl Fn(&Path, &str) -> String) -> Resource {
+        let dir = tempfile::Builder::new()
+            .prefix("blkmirror-test-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        let mut text = format!("name = \"{RESOURCE}\"\nprotocol = \"C\"\n");
+        for (node, port) in [("alpha", 7801), ("beta", 7802)] {
+            text.push_str(&format!(
+                "[nodes.{node}]\ndisk = \"{d}/{node}.img\"\nlinks = [\"127.0.0.1:{port}\"]\n\
+                 control = \"{d}/{node}.ctl\"\nnbd = \"{}\"\n",
+                nbd(d, node),
+                d = d.display()
+            ));
+            std::fs::File::create(d.join(format!("{node}.img")))
+                .unwrap()
+                .set_len(DISK_BYTES)
+                .unwrap();
+        }
+        let config = d.join("r0.toml");
+        std::fs::write(&config, text).unwrap();
+        Resource { dir, config }
+    }
+
+    pub fn disk(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.img"))
+    }
+
+    pub fn nbd_socket(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.nbd"))
+    }
+
+    /// The NBD URI of a node's export, for libnbd and qemu tools.
+    pub fn uri(&self, node: &str) -> String {
+        format!(
+            "nbd+unix:///{RESOURCE}?socket={}",
+            self.nbd_socket(node).display()
+        )
+    }
+
+    /// Runs `blkmirror -c CONFIG -n NODE ARGS...` to completion.
+    pub fn cli(&self, node: &str, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("-c")
+            .arg(&self.config)
+            .args(["-n", node])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Like `cli`, but the command must succeed; returns its stdout.
+    pub fn ok(&self, node: &str, args: &[&str]) -> String {
+        let out = self.cli(node, args);
+        assert!(
+            out.status.success(),
+            "blkmirror {args:?} on {node} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, node: &str, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(node, args)).unwrap()
+    }
+
+    /// Starts `up` for a node and waits until its control socket answers.
+    pub fn up(&self, node: &str) -> NodeProcess {
+        let log_path = self.dir.path().join(format!("{node}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("-c")
+            .arg(&self.config)
+            .args(["-n", node, "up"])
+            .env("BLKMIRROR_LOG", "debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut process = NodeProcess { child, log_path };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                panic!(
+                    "node {node} exited at start-up ({status}): {}",
+                    process.log()
+                );
+            }
+            if self.cli(node, &["status"]).status.success() {
+                return process;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} did not come up: {}",
+                process.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// create-md, up, primary --force: a standalone primary ready for I/O.
+    pub fn primary(&self, node: &str) -> NodeProcess {
+        self.ok(node, &["create-md"]);
+        let process = self.up(node);
+        self.ok(node, &["primary", "--force"]);
+        process
+    }
+
+    /// `down`, then waits for the process to exit successfully.
+    pub fn down(&self, node: &str, mut process: NodeProcess) {
+        self.ok(node, &["down"]);
+        let status = process.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "node {node} exited with {status}: {}",
+            process.log()
+        );
+    }
+
+    /// Reads bytes of a node's data area straight from its backing file.
+    pub fn data_on_disk(&self, node: &str, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(self.disk(node)).unwrap();
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, DATA_OFFSET + offset).unwrap();
+        buf
+    }
+}
+
+pub struct NodeProcess {
+    pub child: Child,
+    pub log_path: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a command to completion; panics with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Deterministic bytes that differ per offset.
+pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            ((offset + i)
+                .wrapping_add(seed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                >> 56) as u8
+        })
+        .collect()
+}
