@@ -85,6 +85,7 @@ pub fn create_md(
     volume_uuid: Option<uuid::Uuid>,
 ) -> anyhow::Result<()> {
     let (file, disk_size) = open_disk(target, true)?;
+    blkmirror_io::file::lock_exclusive(&file, &target.node_config().disk)?;
     let disk = target.node_config().disk.display().to_string();
     let sb = metadata::create(
         &file,

@@ -69,8 +69,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     commands::init_logging();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");

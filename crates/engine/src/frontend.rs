@@ -42,14 +42,15 @@ impl Backend for NbdExport {
     }
 
     fn refusal(&self) -> Option<String> {
-        (self.0.role() != Role::Primary).then(|| {
-            format!(
-                "{} is Secondary on node {} (Not Ready): only the primary serves I/O; \
-                 promote it with `blkmirror primary`",
-                self.0.resource(),
-                self.0.node()
-            )
-        })
+        (self.0.role() != Role::Primary).then(|| self.0.not_serving().to_string())
+    }
+
+    fn attach(&self) -> Result<(), String> {
+        self.0.attach().map_err(|e| e.to_string())
+    }
+
+    fn detach(&self) {
+        self.0.detach();
     }
 
     fn alloc(&self, len: usize) -> AlignedBuf {
@@ -76,13 +77,5 @@ impl Backend for NbdExport {
         fua: bool,
     ) -> Result<(), BackendError> {
         Ok(self.0.zero(offset, u64::from(len), unmap, fua).await?)
-    }
-
-    fn client_attached(&self) {
-        self.0.client_attached();
-    }
-
-    fn client_detached(&self) {
-        self.0.client_detached();
     }
 }

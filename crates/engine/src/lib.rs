@@ -30,6 +30,11 @@ pub enum Error {
     #[error("This node is Secondary: only the primary serves I/O")]
     NotPrimary,
     #[error(
+        "{resource} is Secondary on node {node} (Not Ready): only the primary serves I/O; \
+         promote it with `blkmirror primary`"
+    )]
+    NotServing { resource: String, node: String },
+    #[error(
         "Refusing to promote: this node's data is {disk_state:?}. Use `primary --force` only if \
          you know this node holds the data to keep (it becomes the new generation)"
     )]

@@ -19,19 +19,27 @@ use crate::Error;
 /// Runs `node` of `config` in the foreground until it is told to stop.
 pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let node_config = config.node(node)?;
+    // The control socket first: it is how a second `up` of the same node
+    // learns it must not touch the disk at all.
+    let (control_listener, _control_file) = bind_unix(&node_config.control).await?;
     let volume = Volume::open(&config.name, node_config)?;
-
-    let control_listener = bind_unix(&node_config.control).await?;
-    let nbd_listener =
-        match &node_config.nbd {
-            Endpoint::Unix(path) => Listener::Unix(bind_unix(path).await?),
-            Endpoint::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr).await.map_err(
-                |source| Error::Listen {
+    let (nbd_listener, _nbd_file) = match &node_config.nbd {
+        Endpoint::Unix(path) => {
+            let (listener, file) = bind_unix(path).await?;
+            (Listener::Unix(listener), Some(file))
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Listen {
                     what: format!("NBD on tcp:{addr}"),
                     source,
-                },
-            )?),
-        };
+                })?;
+            (Listener::Tcp(listener), None)
+        }
+    };
+    // Only now, with every socket bound, does the node mark its disk as in use.
+    volume.start()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let nbd_task = tokio::spawn(blkmirror_nbd::accept_loop(
         nbd_listener,
@@ -64,12 +72,7 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     notify_systemd("STOPPING=1");
     let _ = stop_tx.send(true);
     let _ = nbd_task.await;
-    let result = volume.shutdown().await;
-    remove_socket(&node_config.control);
-    if let Endpoint::Unix(path) = &node_config.nbd {
-        remove_socket(path);
-    }
-    result?;
+    volume.shutdown().await?;
     tracing::info!("node is down (clean shutdown recorded)");
     Ok(())
 }
@@ -104,8 +107,20 @@ fn to_response(result: Result<(), Error>) -> Response {
     }
 }
 
+/// A socket file this process created; removed when the node stops, however
+/// it stops.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            tracing::debug!(path = %self.0.display(), error = %e, "socket already gone");
+        }
+    }
+}
+
 /// Binds a Unix socket, replacing a stale file but never a live node's socket.
-async fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
+async fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), Error> {
     let listen_err = |source| Error::Listen {
         what: format!("unix:{}", path.display()),
         source,
@@ -119,13 +134,8 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, Error> {
         }
         std::fs::remove_file(path).map_err(listen_err)?;
     }
-    UnixListener::bind(path).map_err(listen_err)
-}
-
-fn remove_socket(path: &PathBuf) {
-    if let Err(e) = std::fs::remove_file(path) {
-        tracing::debug!(path = %path.display(), error = %e, "socket already gone");
-    }
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    Ok((listener, SocketFile(path.to_path_buf())))
 }
 
 /// Tells systemd (Type=notify) about our state, when run under it.

@@ -2,7 +2,6 @@
 //! decides whether this node may serve I/O.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blkmirror_config::NodeConfig;
@@ -87,6 +86,8 @@ pub fn flag_names(flags: Flags) -> Vec<String> {
 struct State {
     role: Role,
     superblock: Superblock,
+    /// Frontend clients attached; changes only together with the role check.
+    clients: usize,
 }
 
 pub struct Volume {
@@ -99,11 +100,11 @@ pub struct Volume {
     data_offset: u64,
     data_size: u64,
     state: Mutex<State>,
-    clients: AtomicUsize,
 }
 
 impl Volume {
-    /// Opens the node's disk and metadata. The node starts as Secondary.
+    /// Opens the node's disk (locking it) and checks its metadata. Nothing is
+    /// written until [`Volume::start`]; the node starts as Secondary.
     pub fn open(resource: &str, node: &NodeConfig) -> Result<Arc<Volume>, Error> {
         let store = Store::open(&node.disk, Engine::Uring)?;
         let meta = store
@@ -125,7 +126,7 @@ impl Volume {
         if let Some(damage) = &loaded.other_slot_damage {
             tracing::warn!(disk, %damage, "one superblock slot is damaged (torn write?); using the other, the next metadata write repairs it");
         }
-        let mut superblock = loaded.superblock;
+        let superblock = loaded.superblock;
         if superblock.node_name != node.name {
             return Err(Error::WrongDisk {
                 disk,
@@ -133,20 +134,6 @@ impl Volume {
                 expected: node.name.clone(),
             });
         }
-        // Coming up after being primary without a clean shutdown is a crash.
-        if superblock.flags.contains(Flags::PRIMARY)
-            && !superblock.flags.contains(Flags::CLEAN_SHUTDOWN)
-        {
-            tracing::warn!(disk, "this node was primary and did not shut down cleanly");
-            superblock.flags.insert(Flags::CRASHED_PRIMARY);
-        }
-        superblock
-            .flags
-            .remove(Flags::CLEAN_SHUTDOWN | Flags::PRIMARY);
-        metadata::store(&meta, &mut superblock).map_err(|source| Error::Disk {
-            disk: disk.clone(),
-            source,
-        })?;
         let layout = superblock.layout;
         tracing::info!(
             disk,
@@ -167,9 +154,28 @@ impl Volume {
             state: Mutex::new(State {
                 role: Role::Secondary,
                 superblock,
+                clients: 0,
             }),
-            clients: AtomicUsize::new(0),
         }))
+    }
+
+    /// Records that the node is running: a crash from here on is detectable
+    /// because the clean-shutdown flag is gone.
+    pub fn start(&self) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap();
+        let mut sb = state.superblock.clone();
+        // Coming up after being primary without a clean shutdown is a crash.
+        if sb.flags.contains(Flags::PRIMARY) && !sb.flags.contains(Flags::CLEAN_SHUTDOWN) {
+            tracing::warn!(
+                disk = self.disk,
+                "this node was primary and did not shut down cleanly"
+            );
+            sb.flags.insert(Flags::CRASHED_PRIMARY);
+        }
+        sb.flags.remove(Flags::CLEAN_SHUTDOWN | Flags::PRIMARY);
+        self.write_superblock(&mut sb)?;
+        state.superblock = sb;
+        Ok(())
     }
 
     pub fn resource(&self) -> &str {
@@ -229,12 +235,16 @@ impl Volume {
     /// Makes this node secondary: refused while clients are attached, as a
     /// mounted device cannot be demoted under its users.
     pub async fn demote(&self) -> Result<(), Error> {
-        if self.role() == Role::Secondary {
-            return Ok(());
-        }
-        let clients = self.clients.load(Ordering::SeqCst);
-        if clients > 0 {
-            return Err(Error::ClientsAttached(clients));
+        {
+            // Checked and switched in one step, so no client attaches between.
+            let mut state = self.state.lock().unwrap();
+            if state.role == Role::Secondary {
+                return Ok(());
+            }
+            if state.clients > 0 {
+                return Err(Error::ClientsAttached(state.clients));
+            }
+            state.role = Role::Secondary;
         }
         self.store.flush().await?;
         let mut state = self.state.lock().unwrap();
@@ -273,18 +283,33 @@ impl Volume {
             volume_uuid: sb.volume_uuid,
             generations: (&sb.generations).into(),
             flags: flag_names(sb.flags),
-            nbd_clients: self.clients.load(Ordering::SeqCst),
+            nbd_clients: state.clients,
             io_engine: self.store.engine().name().to_string(),
             direct_io: self.store.file().uses_direct_io(),
         }
     }
 
-    pub fn client_attached(&self) {
-        self.clients.fetch_add(1, Ordering::SeqCst);
+    /// Attaches a frontend client if this node serves I/O (is primary).
+    pub fn attach(&self) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap();
+        if state.role != Role::Primary {
+            return Err(self.not_serving());
+        }
+        state.clients += 1;
+        Ok(())
     }
 
-    pub fn client_detached(&self) {
-        self.clients.fetch_sub(1, Ordering::SeqCst);
+    pub fn detach(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.clients = state.clients.saturating_sub(1);
+    }
+
+    /// Why a client is refused while this node is not primary.
+    pub fn not_serving(&self) -> Error {
+        Error::NotServing {
+            resource: self.resource.clone(),
+            node: self.node.clone(),
+        }
     }
 
     /// Checks that I/O may be served and maps a data-area range to the disk.

@@ -30,6 +30,24 @@ pub struct BackingFile {
     pub direct: Option<File>,
 }
 
+/// Takes an exclusive advisory lock on an open disk, held until the file is
+/// closed, so no second node process (or `create-md`) works on it at once.
+pub fn lock_exclusive(file: &File, path: &Path) -> Result<(), Error> {
+    // SAFETY: flock only uses the descriptor number, which `file` keeps open.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let source = std::io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(Error::InUse(path.to_path_buf()));
+    }
+    Err(Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 nix::ioctl_write_ptr_bad!(blk_zeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 
 impl BackingFile {
@@ -43,6 +61,7 @@ impl BackingFile {
             .write(true)
             .open(path)
             .map_err(open_err)?;
+        lock_exclusive(&buffered, path)?;
         let meta = buffered.metadata().map_err(open_err)?;
         let kind = if meta.file_type().is_block_device() {
             DiskKind::BlockDevice

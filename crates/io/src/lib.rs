@@ -24,6 +24,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("Disk {0} is in use by another process (is a node already up on it?)")]
+    InUse(PathBuf),
     #[error("Disk {0} is neither a regular file nor a block device")]
     NotADisk(PathBuf),
     #[error("Cannot set up io_uring (is it disabled by sysctl kernel.io_uring_disabled?)")]
@@ -50,7 +52,9 @@ impl Error {
                 _ => libc::EIO,
             },
             Error::OutOfRange { .. } => libc::EINVAL,
-            Error::NotADisk(_) | Error::UringSetup(_) | Error::StoreClosed => libc::EIO,
+            Error::InUse(_) | Error::NotADisk(_) | Error::UringSetup(_) | Error::StoreClosed => {
+                libc::EIO
+            }
         }
     }
 }

@@ -1,34 +1,44 @@
-//! The io_uring store: one thread owns the ring; callers hand it requests
-//! over a channel and an eventfd, and get their buffers back with the result.
+//! The io_uring store, driven from inside the tokio runtime: a caller
+//! pushes its operation and submits it on the spot, and a reaper task wakes
+//! on the ring's registered eventfd to hand results back. No thread sits
+//! between a request and the kernel, so a request costs no extra wake-ups.
 //!
 //! Every buffer in flight lives in the slab entry keyed by the SQE's
 //! `user_data` until its completion arrives, so the kernel never writes to
-//! memory the caller could have freed.
+//! memory the caller could have freed, even if the caller stops waiting.
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::oneshot;
 
 use crate::aligned::AlignedBuf;
 use crate::file::BackingFile;
 use crate::Error;
 
-/// Ring size; the number of operations in flight at once is one less (one
-/// entry stays armed on the wake-up eventfd).
+/// Ring size, and the number of operations in flight at once; more wait in
+/// a backlog until a slot frees up.
 pub const RING_ENTRIES: u32 = 256;
-const WAKE_USER_DATA: u64 = u64::MAX;
 
 enum Kind {
     Read,
     Write { fua: bool },
     Flush,
+}
+
+impl Kind {
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Write { .. } => "write",
+            Kind::Flush => "flush",
+        }
+    }
 }
 
 struct Request {
@@ -45,60 +55,61 @@ struct InFlight {
     done: usize,
 }
 
-enum Message {
-    Submit(Request),
-    Shutdown,
+struct Ring {
+    ring: IoUring,
+    file: Arc<BackingFile>,
+    slab: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    backlog: VecDeque<Request>,
 }
 
-/// Wakes the ring thread at most once per batch of submissions: a submitter
-/// writes the eventfd only when it is the first since the thread last
-/// drained the channel (the thread zeroes the count before draining, so a
-/// message sent after that always triggers a fresh wake-up).
-struct Doorbell {
-    eventfd: EventFd,
-    pending: AtomicUsize,
-}
-
-impl Doorbell {
-    fn ring(&self) -> Result<(), Error> {
-        if self.pending.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.eventfd
-                .write(1)
-                .map_err(|e| Error::UringSetup(e.into()))?;
-        }
-        Ok(())
-    }
+struct Shared {
+    ring: Mutex<Ring>,
+    /// Signalled by the kernel whenever completions are posted.
+    completions: AsyncFd<EventFd>,
 }
 
 pub struct UringStore {
     file: Arc<BackingFile>,
-    tx: mpsc::Sender<Message>,
-    wake: Arc<Doorbell>,
-    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    reaper: tokio::task::JoinHandle<()>,
 }
 
 impl UringStore {
+    /// Sets up the ring. Must be called from within a tokio runtime.
     pub fn new(file: Arc<BackingFile>) -> Result<UringStore, Error> {
-        let ring = IoUring::new(RING_ENTRIES).map_err(Error::UringSetup)?;
-        let wake = Arc::new(Doorbell {
-            eventfd: EventFd::from_flags(EfdFlags::EFD_CLOEXEC)
-                .map_err(|e| Error::UringSetup(e.into()))?,
-            pending: AtomicUsize::new(0),
+        let setup = |e: std::io::Error| Error::UringSetup(e);
+        let ring = IoUring::new(RING_ENTRIES).map_err(setup)?;
+        let eventfd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| setup(e.into()))?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(setup)?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(setup(std::io::Error::other(
+                "no tokio runtime to drive the ring",
+            )));
+        }
+        // SAFETY: the EventFd owns its descriptor, which stays open and the
+        // same for as long as the AsyncFd owns the EventFd.
+        let completions = unsafe { AsyncFd::register_with_interest(eventfd, Interest::READABLE) }
+            .map_err(|e| setup(e.into()))?;
+        let slots = RING_ENTRIES as usize;
+        let shared = Arc::new(Shared {
+            ring: Mutex::new(Ring {
+                ring,
+                file: file.clone(),
+                slab: (0..slots).map(|_| None).collect(),
+                free: (0..slots).rev().collect(),
+                backlog: VecDeque::new(),
+            }),
+            completions,
         });
-        let (tx, rx) = mpsc::channel();
-        let thread = {
-            let file = file.clone();
-            let wake = wake.clone();
-            std::thread::Builder::new()
-                .name("blkmirror-uring".into())
-                .spawn(move || RingLoop::new(ring, file, wake, rx).run())
-                .map_err(Error::UringSetup)?
-        };
+        let reaper = tokio::spawn(reap(shared.clone()));
         Ok(UringStore {
             file,
-            tx,
-            wake,
-            thread: Some(thread),
+            shared,
+            reaper,
         })
     }
 
@@ -108,15 +119,17 @@ impl UringStore {
 
     async fn submit(&self, kind: Kind, offset: u64, buf: AlignedBuf) -> Result<AlignedBuf, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Message::Submit(Request {
-                kind,
-                offset,
-                buf,
-                reply,
-            }))
-            .map_err(|_| Error::StoreClosed)?;
-        self.wake.ring()?;
+        let request = Request {
+            kind,
+            offset,
+            buf,
+            reply,
+        };
+        {
+            let mut ring = self.shared.ring.lock().unwrap();
+            ring.start_or_queue(request);
+            ring.submit();
+        }
         rx.await.map_err(|_| Error::StoreClosed)?
     }
 
@@ -143,138 +156,89 @@ impl UringStore {
 
 impl Drop for UringStore {
     fn drop(&mut self) {
-        let _ = self.tx.send(Message::Shutdown);
-        let _ = self.wake.eventfd.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        self.reaper.abort();
+        // The kernel may still own buffers of operations in flight: wait for
+        // each to complete before the slab (and the ring) can go.
+        let mut ring = self.shared.ring.lock().unwrap();
+        ring.backlog.clear();
+        while ring.in_flight() > 0 {
+            match ring.ring.submit_and_wait(1) {
+                Ok(_) => ring.reap(),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring failed while draining; leaking in-flight buffers");
+                    ring.leak_in_flight();
+                    break;
+                }
+            }
         }
     }
 }
 
-struct RingLoop {
-    ring: IoUring,
-    file: Arc<BackingFile>,
-    wake: Arc<Doorbell>,
-    wake_buf: Box<[u8; 8]>,
-    rx: mpsc::Receiver<Message>,
-    slab: Vec<Option<InFlight>>,
-    free: Vec<usize>,
-    backlog: VecDeque<Request>,
-    shutting_down: bool,
+/// Waits for completion signals and hands results back, for as long as the
+/// store lives.
+async fn reap(shared: Arc<Shared>) {
+    loop {
+        let mut guard = match shared.completions.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "io_uring completion eventfd failed");
+                return;
+            }
+        };
+        // Reset the counter before looking at the queue, so completions
+        // posted from here on signal again.
+        let _ = guard.get_inner().read();
+        guard.clear_ready();
+        let mut ring = shared.ring.lock().unwrap();
+        ring.reap();
+        ring.submit();
+    }
 }
 
-impl RingLoop {
-    fn new(
-        ring: IoUring,
-        file: Arc<BackingFile>,
-        wake: Arc<Doorbell>,
-        rx: mpsc::Receiver<Message>,
-    ) -> RingLoop {
-        let slots = (RING_ENTRIES - 1) as usize;
-        RingLoop {
-            ring,
-            file,
-            wake,
-            wake_buf: Box::new([0; 8]),
-            rx,
-            slab: (0..slots).map(|_| None).collect(),
-            free: (0..slots).rev().collect(),
-            backlog: VecDeque::new(),
-            shutting_down: false,
-        }
-    }
-
+impl Ring {
     fn in_flight(&self) -> usize {
         self.slab.len() - self.free.len()
     }
 
-    fn run(mut self) {
-        self.arm_wake();
-        loop {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                tracing::error!(error = %e, "io_uring submit failed; failing all requests");
-                self.fail_all();
-                return;
+    fn start_or_queue(&mut self, request: Request) {
+        match self.free.pop() {
+            Some(slot) => {
+                self.slab[slot] = Some(InFlight { request, done: 0 });
+                self.issue(slot);
             }
-            let completions: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (user_data, result) in completions {
-                if user_data == WAKE_USER_DATA {
-                    self.drain_channel();
-                    if !self.shutting_down {
-                        self.arm_wake();
-                    }
-                } else {
-                    self.complete(user_data as usize, result);
-                }
-            }
-            while !self.free.is_empty() {
-                let Some(request) = self.backlog.pop_front() else {
-                    break;
-                };
-                self.start(request);
-            }
-            if self.shutting_down && self.in_flight() == 0 && self.backlog.is_empty() {
-                return;
-            }
+            None => self.backlog.push_back(request),
         }
     }
 
-    fn drain_channel(&mut self) {
-        self.wake.pending.store(0, Ordering::Release);
+    /// Submits what has been pushed. A failure here is retried at the next
+    /// submission: the entries stay in the queue.
+    fn submit(&mut self) {
         loop {
-            match self.rx.try_recv() {
-                Ok(Message::Submit(request)) => self.backlog.push_back(request),
-                Ok(Message::Shutdown) | Err(mpsc::TryRecvError::Disconnected) => {
-                    self.shutting_down = true;
+            match self.ring.submit() {
+                Ok(_) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring submit failed; retrying on the next request");
                     return;
                 }
-                Err(mpsc::TryRecvError::Empty) => return,
             }
         }
     }
 
-    fn arm_wake(&mut self) {
-        let sqe = opcode::Read::new(
-            types::Fd(self.wake.eventfd.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(WAKE_USER_DATA);
-        // SAFETY: wake_buf is a boxed field of self, which lives until the
-        // ring is dropped with it; the eventfd is kept open by self.wake.
-        unsafe { self.push(&sqe) };
-    }
-
-    /// Pushes an entry, submitting first if the queue is full. The slab holds
-    /// fewer entries than the ring, so there is always room after a submit.
+    /// Pushes an entry. The slab has no more slots than the queue has
+    /// entries, and every push is followed by a submit, so there is room.
     ///
     /// # Safety
     /// The buffers the entry points at must stay valid until its completion.
     unsafe fn push(&mut self, sqe: &squeue::Entry) {
         // SAFETY: the caller guarantees the entry's buffers outlive it.
         while unsafe { self.ring.submission().push(sqe) }.is_err() {
-            let _ = self.ring.submit();
+            self.submit();
         }
     }
 
-    fn start(&mut self, request: Request) {
-        let slot = self
-            .free
-            .pop()
-            .expect("start is only called with a free slot");
-        self.slab[slot] = Some(InFlight { request, done: 0 });
-        self.issue(slot);
-    }
-
-    /// Submits (the rest of) the operation held in `slot`.
+    /// Pushes (the rest of) the operation held in `slot`.
     fn issue(&mut self, slot: usize) {
         let entry = self.slab[slot].as_mut().expect("issued slot is occupied");
         let done = entry.done;
@@ -305,28 +269,43 @@ impl RingLoop {
         unsafe { self.push(&sqe) };
     }
 
+    /// Handles every completion posted so far, then starts queued requests.
+    fn reap(&mut self) {
+        let completions: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (user_data, result) in completions {
+            self.complete(user_data as usize, result);
+        }
+        while !self.free.is_empty() {
+            let Some(request) = self.backlog.pop_front() else {
+                break;
+            };
+            self.start_or_queue(request);
+        }
+    }
+
     fn complete(&mut self, slot: usize, result: i32) {
         let entry = self.slab[slot]
             .as_mut()
             .expect("completion for an occupied slot");
         let offset = entry.request.offset + entry.done as u64;
+        let io_error = |source: std::io::Error| Error::Io {
+            op: entry.request.kind.name(),
+            offset,
+            source,
+        };
         let outcome = if result < 0 {
             if -result == libc::EAGAIN || -result == libc::EINTR {
                 return self.issue(slot);
             }
-            Err(Error::Io {
-                op: entry.request.kind.name(),
-                offset,
-                source: std::io::Error::from_raw_os_error(-result),
-            })
+            Err(io_error(std::io::Error::from_raw_os_error(-result)))
         } else if matches!(entry.request.kind, Kind::Flush) {
             Ok(())
         } else if result == 0 && entry.request.buf.len() > entry.done {
-            Err(Error::Io {
-                op: entry.request.kind.name(),
-                offset,
-                source: std::io::ErrorKind::UnexpectedEof.into(),
-            })
+            Err(io_error(std::io::ErrorKind::UnexpectedEof.into()))
         } else {
             entry.done += result as usize;
             if entry.done < entry.request.buf.len() {
@@ -339,26 +318,11 @@ impl RingLoop {
         let _ = request.reply.send(outcome.map(|()| request.buf));
     }
 
-    fn fail_all(&mut self) {
-        // Only reached when the ring itself broke. The kernel may still own
-        // buffers of operations in flight, so those are leaked, never freed.
+    fn leak_in_flight(&mut self) {
         for entry in self.slab.iter_mut().filter_map(Option::take) {
             let Request { buf, reply, .. } = entry.request;
             std::mem::forget(buf);
             let _ = reply.send(Err(Error::StoreClosed));
-        }
-        for request in self.backlog.drain(..) {
-            let _ = request.reply.send(Err(Error::StoreClosed));
-        }
-    }
-}
-
-impl Kind {
-    fn name(&self) -> &'static str {
-        match self {
-            Kind::Read => "read",
-            Kind::Write { .. } => "write",
-            Kind::Flush => "flush",
         }
     }
 }

@@ -38,8 +38,14 @@ pub trait Backend: Send + Sync + 'static {
     fn description(&self) -> String;
     fn size(&self) -> u64;
     /// `Some(reason)` when this node must not serve I/O now (e.g. it is
-    /// secondary): clients are refused at the handshake with that reason.
+    /// secondary): NBD_OPT_INFO is refused with that reason.
     fn refusal(&self) -> Option<String>;
+    /// Admits a client into the transmission phase, or refuses it with a
+    /// reason; checked and counted in one step, so a demotion cannot slip
+    /// between the check and the count.
+    fn attach(&self) -> Result<(), String>;
+    /// The attached client has gone.
+    fn detach(&self);
     fn alloc(&self, len: usize) -> Self::Buf;
     fn read(
         &self,
@@ -62,9 +68,6 @@ pub trait Backend: Send + Sync + 'static {
         unmap: bool,
         fua: bool,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
-    /// Called when a client enters / leaves the transmission phase.
-    fn client_attached(&self) {}
-    fn client_detached(&self) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,17 +92,30 @@ where
     let mut writer = BufWriter::new(writer);
     let negotiated = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        handshake(&mut reader, &mut writer, &*backend),
+        handshake(&mut reader, &mut writer, &backend),
     )
     .await
     .map_err(|_| ConnectionError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
-    let Some(structured) = negotiated else {
+    let Some((structured, _attachment)) = negotiated else {
         return Ok(()); // the client aborted or asked for nothing more
     };
-    backend.client_attached();
-    let result = transmission(reader, writer, backend.clone(), structured).await;
-    backend.client_detached();
-    result
+    transmission(reader, writer, backend.clone(), structured).await
+}
+
+/// A client admitted by [`Backend::attach`]; detaches when dropped.
+struct Attachment<B: Backend>(Arc<B>);
+
+impl<B: Backend> Attachment<B> {
+    fn new(backend: &Arc<B>) -> Result<Attachment<B>, String> {
+        backend.attach()?;
+        Ok(Attachment(backend.clone()))
+    }
+}
+
+impl<B: Backend> Drop for Attachment<B> {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
 }
 
 const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
@@ -111,12 +127,13 @@ const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
     // acknowledged on every connection.
     | TFLAG_CAN_MULTI_CONN;
 
-/// Returns `Some(structured_replies)` when the client entered transmission.
+/// Returns `Some((structured_replies, attachment))` when the client entered
+/// transmission.
 async fn handshake<R, W, B>(
     reader: &mut R,
     writer: &mut W,
-    backend: &B,
-) -> Result<Option<bool>, ConnectionError>
+    backend: &Arc<B>,
+) -> Result<Option<(bool, Attachment<B>)>, ConnectionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -171,23 +188,21 @@ where
             OPT_EXPORT_NAME => {
                 // No way to report an error on this path: unknown names and
                 // refusals close the connection, as the spec says.
-                if !name_matches(backend, &data) {
+                if !name_matches(&**backend, &data) {
                     return Err(ConnectionError::Protocol(
                         "EXPORT_NAME for an unknown export".into(),
                     ));
                 }
-                if let Some(reason) = backend.refusal() {
-                    return Err(ConnectionError::Protocol(format!(
-                        "EXPORT_NAME refused: {reason}"
-                    )));
-                }
+                let attachment = Attachment::new(backend).map_err(|reason| {
+                    ConnectionError::Protocol(format!("EXPORT_NAME refused: {reason}"))
+                })?;
                 writer.write_u64(backend.size()).await?;
                 writer.write_u16(TRANSMISSION_FLAGS).await?;
                 if !no_zeroes {
                     writer.write_all(&[0u8; 124]).await?;
                 }
                 writer.flush().await?;
-                return Ok(Some(false));
+                return Ok(Some((false, attachment)));
             }
             OPT_ABORT => {
                 reply.send(REP_ACK, &[]).await?;
@@ -222,19 +237,27 @@ where
                         .await?;
                     continue;
                 };
-                if !name_matches(backend, name) {
+                if !name_matches(&**backend, name) {
                     let msg = format!("no export named {:?}", String::from_utf8_lossy(name));
                     reply.error(REP_ERR_UNKNOWN, &msg).await?;
                     continue;
                 }
-                if let Some(reason) = backend.refusal() {
-                    reply.error(REP_ERR_POLICY, &reason).await?;
-                    continue;
-                }
-                send_infos(&mut reply, backend).await?;
+                let admitted = if option == OPT_GO {
+                    Attachment::new(backend).map(Some)
+                } else {
+                    backend.refusal().map_or(Ok(None), Err)
+                };
+                let attachment = match admitted {
+                    Ok(a) => a,
+                    Err(reason) => {
+                        reply.error(REP_ERR_POLICY, &reason).await?;
+                        continue;
+                    }
+                };
+                send_infos(&mut reply, &**backend).await?;
                 reply.send(REP_ACK, &[]).await?;
-                if option == OPT_GO {
-                    return Ok(Some(structured));
+                if let Some(attachment) = attachment {
+                    return Ok(Some((structured, attachment)));
                 }
             }
             OPT_STARTTLS => reply.error(REP_ERR_UNSUP, "TLS is not supported").await?,

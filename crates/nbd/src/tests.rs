@@ -28,6 +28,10 @@ impl Backend for MemDisk {
     fn refusal(&self) -> Option<String> {
         self.refuse.clone()
     }
+    fn attach(&self) -> Result<(), String> {
+        self.refusal().map_or(Ok(()), Err)
+    }
+    fn detach(&self) {}
     fn alloc(&self, len: usize) -> Vec<u8> {
         vec![0; len]
     }
