@@ -538,3 +538,77 @@ fn secondary_refuses_nbdinfo() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("Secondary"), "{stderr}");
 }
+
+/// A loop device attached for the length of a test.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &std::path::Path) -> Option<LoopDevice> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            println!(
+                "skipped: cannot attach a loop device ({}); needs root and the loop module",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(LoopDevice(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["--detach", &self.0]).status();
+    }
+}
+
+/// A real block device as the disk: sized by the kernel, O_DIRECT, and
+/// discard / write-zeroes through fallocate on the device, all read back
+/// as zeroes.
+#[test]
+fn block_device_disk() {
+    if !have("losetup") || !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let Some(device) = LoopDevice::attach(&res.disk("alpha")) else {
+        return;
+    };
+    let text = std::fs::read_to_string(&res.config).unwrap();
+    let text = text.replace(&res.disk("alpha").display().to_string(), &device.0);
+    std::fs::write(&res.config, text).unwrap();
+    let alpha = res.primary("alpha");
+    let status = res.json("alpha", &["status", "--json"]);
+    assert_eq!(status["data_size"], DATA_BYTES, "{status}");
+    qemu_io(
+        &res,
+        &[
+            "write -P 0x99 0 4M",
+            "discard 1M 1M",
+            "write -z 2M 512k",
+            "write -P 0x98 12345 777",
+            "flush",
+            "read -P 0x99 0 12345",
+            "read -P 0x98 12345 777",
+            "read -P 0 1M 1M",
+            "read -P 0 2M 512k",
+            "read -P 0x99 2560k 1536k",
+        ],
+    );
+    res.down("alpha", alpha);
+    // What the device holds is what the backing file of the loop device holds.
+    assert!(res
+        .data_on_disk("alpha", 1 << 20, 1 << 20)
+        .iter()
+        .all(|&b| b == 0));
+    assert!(res
+        .data_on_disk("alpha", 3 << 20, 1 << 20)
+        .iter()
+        .all(|&b| b == 0x99));
+}

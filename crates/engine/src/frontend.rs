@@ -54,7 +54,7 @@ impl Backend for NbdExport {
     }
 
     fn alloc(&self, len: usize) -> AlignedBuf {
-        AlignedBuf::zeroed(len)
+        AlignedBuf::for_overwrite(len)
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, BackendError> {

@@ -1,13 +1,36 @@
-//! Buffers aligned for O_DIRECT.
+//! Buffers aligned for O_DIRECT, recycled through a small bounded pool so
+//! the hot path does not allocate (and fault in) a fresh buffer per request.
 
 use std::alloc::{self, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 /// Alignment that satisfies O_DIRECT on every logical block size in use.
 pub const ALIGN_BYTES: usize = 4096;
 
-/// A zero-initialised heap buffer whose start is aligned to [`ALIGN_BYTES`].
+/// Capacities are powers of two from 4 KiB up to this; larger buffers are
+/// not pooled.
+const POOL_CAPACITY_MAX_BYTES: usize = 32 << 20;
+const POOL_CLASSES: usize = (POOL_CAPACITY_MAX_BYTES / ALIGN_BYTES).trailing_zeros() as usize + 1;
+/// Bytes each size class may keep idle.
+const POOL_CLASS_BYTES_MAX: usize = 32 << 20;
+
+/// Idle allocations by size class (class i holds capacity 4 KiB << i).
+static POOL: Mutex<[Vec<PooledAlloc>; POOL_CLASSES]> =
+    Mutex::new([const { Vec::new() }; POOL_CLASSES]);
+
+/// An idle allocation in the pool.
+struct PooledAlloc(NonNull<u8>);
+// SAFETY: an idle allocation is owned by the pool alone.
+unsafe impl Send for PooledAlloc {}
+
+fn pool_class(capacity: usize) -> Option<usize> {
+    (capacity.is_power_of_two() && (ALIGN_BYTES..=POOL_CAPACITY_MAX_BYTES).contains(&capacity))
+        .then(|| (capacity / ALIGN_BYTES).trailing_zeros() as usize)
+}
+
+/// A heap buffer whose start is aligned to [`ALIGN_BYTES`].
 /// Its heap block never moves, so an in-flight io_uring operation may hold
 /// its address while the `AlignedBuf` value itself is moved around.
 pub struct AlignedBuf {
@@ -22,9 +45,31 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// Allocates `len` zeroed bytes (capacity rounded up to the alignment).
+    /// Allocates `len` zeroed bytes.
     pub fn zeroed(len: usize) -> AlignedBuf {
-        let capacity = len.max(1).next_multiple_of(ALIGN_BYTES);
+        let mut buf = AlignedBuf::for_overwrite(len);
+        buf.fill(0);
+        buf
+    }
+
+    /// A buffer of `len` bytes the caller is about to overwrite entirely (a
+    /// read target, a payload to receive): its bytes are initialised but
+    /// unspecified, possibly left over from an earlier use in this process.
+    pub fn for_overwrite(len: usize) -> AlignedBuf {
+        let pooled = len.max(1).next_power_of_two().max(ALIGN_BYTES);
+        let capacity = match pool_class(pooled) {
+            Some(class) => {
+                if let Some(PooledAlloc(ptr)) = POOL.lock().unwrap()[class].pop() {
+                    return AlignedBuf {
+                        ptr,
+                        len,
+                        capacity: pooled,
+                    };
+                }
+                pooled
+            }
+            None => len.max(1).next_multiple_of(ALIGN_BYTES),
+        };
         let layout = Layout::from_size_align(capacity, ALIGN_BYTES).expect("buffer size overflow");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
@@ -33,7 +78,7 @@ impl AlignedBuf {
     }
 
     pub fn from_slice(data: &[u8]) -> AlignedBuf {
-        let mut buf = AlignedBuf::zeroed(data.len());
+        let mut buf = AlignedBuf::for_overwrite(data.len());
         buf.copy_from_slice(data);
         buf
     }
@@ -81,6 +126,13 @@ impl AsMut<[u8]> for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if let Some(class) = pool_class(self.capacity) {
+            let mut pool = POOL.lock().unwrap();
+            if pool[class].len() < (POOL_CLASS_BYTES_MAX / self.capacity).max(1) {
+                pool[class].push(PooledAlloc(self.ptr));
+                return;
+            }
+        }
         let layout =
             Layout::from_size_align(self.capacity, ALIGN_BYTES).expect("checked at allocation");
         // SAFETY: allocated in `zeroed` with exactly this layout; freed once.
@@ -106,6 +158,17 @@ mod tests {
             assert_eq!(buf.len(), len);
             assert!(buf.iter().all(|&b| b == 0));
         }
+    }
+
+    #[test]
+    fn recycled_buffers_are_zeroed_when_asked() {
+        let mut dirty = AlignedBuf::for_overwrite(8192);
+        dirty.fill(0xAB);
+        drop(dirty);
+        let clean = AlignedBuf::zeroed(8192);
+        assert!(clean.iter().all(|&b| b == 0));
+        let big = AlignedBuf::for_overwrite(100 << 20);
+        assert_eq!(big.len(), 100 << 20, "beyond the pooled sizes still works");
     }
 
     #[test]

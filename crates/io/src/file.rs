@@ -48,8 +48,6 @@ pub fn lock_exclusive(file: &File, path: &Path) -> Result<(), Error> {
     })
 }
 
-nix::ioctl_write_ptr_bad!(blk_zeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
-
 impl BackingFile {
     pub fn open(path: &Path) -> Result<BackingFile, Error> {
         let open_err = |source| Error::Open {
@@ -132,42 +130,33 @@ impl BackingFile {
                 len,
                 size: self.size,
             })?;
-        let result = match self.kind {
-            DiskKind::RegularFile => {
-                let mode = if unmap {
-                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
-                } else {
-                    FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
-                };
-                fallocate(self.buffered.as_raw_fd(), mode, offset as i64, len as i64).map(drop)
-            }
-            DiskKind::BlockDevice => {
-                let range = [offset, len];
-                // SAFETY: BLKZEROOUT reads two u64s from the pointer, which
-                // points at a live local array for the duration of the call.
-                unsafe { blk_zeroout(self.buffered.as_raw_fd(), &range) }.map(drop)
-            }
-        };
-        match result {
-            Ok(()) => Ok(()),
-            Err(
-                nix::errno::Errno::EOPNOTSUPP
-                | nix::errno::Errno::EINVAL
-                | nix::errno::Errno::ENOTTY,
-            ) => {
-                // The file system or device cannot do it in place: write zeroes.
-                let chunk = vec![0u8; 1 << 20];
-                let mut pos = offset;
-                while pos < end {
-                    let n = (end - pos).min(chunk.len() as u64) as usize;
-                    self.buffered
-                        .write_all_at(&chunk[..n], pos)
-                        .map_err(io_err)?;
-                    pos += n as u64;
-                }
-                Ok(())
-            }
-            Err(e) => Err(io_err(e.into())),
+        // fallocate works on block devices too: there PUNCH_HOLE becomes a
+        // WRITE_ZEROES that may deallocate (thin volumes, SSDs), ZERO_RANGE
+        // one that keeps the blocks. Either way the range reads back zeroes,
+        // which keeps two replicas identical where a plain discard would not.
+        let keep = FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let mut modes = vec![FallocateFlags::FALLOC_FL_ZERO_RANGE | keep];
+        if unmap {
+            modes.insert(0, FallocateFlags::FALLOC_FL_PUNCH_HOLE | keep);
         }
+        for mode in modes {
+            match fallocate(self.buffered.as_raw_fd(), mode, offset as i64, len as i64) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => continue,
+                Err(e) => return Err(io_err(e.into())),
+            }
+        }
+        // Neither is supported here (or the range is unaligned for a block
+        // device): write the zeroes.
+        let chunk = vec![0u8; 1 << 20];
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(chunk.len() as u64) as usize;
+            self.buffered
+                .write_all_at(&chunk[..n], pos)
+                .map_err(io_err)?;
+            pos += n as u64;
+        }
+        Ok(())
     }
 }

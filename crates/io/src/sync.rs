@@ -33,7 +33,7 @@ impl SyncStore {
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, Error> {
         self.blocking(move |file| {
-            let mut buf = AlignedBuf::zeroed(len);
+            let mut buf = AlignedBuf::for_overwrite(len);
             file.fd_for(offset, len, buf.as_ptr() as usize)
                 .read_exact_at(&mut buf, offset)
                 .map_err(|source| Error::Io {

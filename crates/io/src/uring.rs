@@ -134,7 +134,7 @@ impl UringStore {
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, Error> {
-        self.submit(Kind::Read, offset, AlignedBuf::zeroed(len))
+        self.submit(Kind::Read, offset, AlignedBuf::for_overwrite(len))
             .await
     }
 

@@ -21,6 +21,9 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
+/// Clients served at once; more are turned away until one leaves.
+pub const CONNECTIONS_MAX: usize = 64;
+
 /// Accepts clients until `stop` turns true, then ends every connection.
 pub async fn accept_loop<B: Backend>(
     listener: Listener,
@@ -35,6 +38,9 @@ pub async fn accept_loop<B: Backend>(
             accepted = accept(&listener) => accepted,
         };
         match accepted {
+            Ok((_, peer)) if connections.len() >= CONNECTIONS_MAX => {
+                tracing::warn!(%peer, "NBD client turned away: {CONNECTIONS_MAX} connections already");
+            }
             Ok((stream, peer)) => {
                 let backend = backend.clone();
                 connections.spawn(async move {

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::proto::*;
 
@@ -17,6 +16,12 @@ use crate::proto::*;
 pub const IN_FLIGHT_PER_CONNECTION_MAX: usize = 128;
 /// Requests read but not yet started, between the reader and the executor.
 const REQUEST_QUEUE_MAX: usize = 16;
+/// Bytes of request data (write payloads and read results) one connection
+/// may hold at once, counted in units: a client cannot make the node
+/// allocate more than this, whatever it sends.
+const BUDGET_UNIT_BYTES: u32 = 64 * 1024;
+const BUDGET_UNITS_PER_CONNECTION: usize = 2048; // 128 MiB
+const _: () = assert!(PAYLOAD_MAX_BYTES / BUDGET_UNIT_BYTES <= BUDGET_UNITS_PER_CONNECTION as u32);
 /// Socket reads are buffered so a burst of small requests costs one syscall.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 /// A client that has not finished the handshake by then is dropped.
@@ -357,6 +362,7 @@ where
     let (tx, rx) = mpsc::channel::<Parsed<B::Buf>>(REQUEST_QUEUE_MAX);
     let executor = tokio::spawn(execute_and_reply(writer, rx, backend.clone(), structured));
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    let memory = Arc::new(Semaphore::new(BUDGET_UNITS_PER_CONNECTION));
     let outcome = loop {
         let mut header_bytes = [0u8; REQUEST_HEADER_BYTES];
         match reader.read_exact(&mut header_bytes).await {
@@ -369,6 +375,15 @@ where
             Ok(h) => h,
             Err(e) => break Err(e.into()),
         };
+        // Wait for room in the byte budget before allocating anything.
+        let budget = match memory
+            .clone()
+            .acquire_many_owned(budget_units(&header))
+            .await
+        {
+            Ok(permit) => permit,
+            Err(_) => break Ok(()),
+        };
         let mut payload = None;
         if header.payload_len() > 0 {
             let mut buf = backend.alloc(header.payload_len());
@@ -380,7 +395,12 @@ where
         if header.command == Command::Disconnect {
             break Ok(());
         }
-        if tx.send((header, payload)).await.is_err() {
+        let parsed = Parsed {
+            header,
+            payload,
+            budget,
+        };
+        if tx.send(parsed).await.is_err() {
             break Ok(()); // the executor stopped: its error is reported below
         }
     };
@@ -392,43 +412,86 @@ where
     outcome.and(written.map_err(Into::into))
 }
 
-/// A request as read off the wire: its header and, for writes, the payload.
-type Parsed<Buf> = (RequestHeader, Option<Buf>);
+/// A request as read off the wire: its header, the payload of a write, and
+/// its share of the connection's byte budget, held until the reply is sent.
+struct Parsed<Buf> {
+    header: RequestHeader,
+    payload: Option<Buf>,
+    budget: OwnedSemaphorePermit,
+}
 
-/// Runs requests concurrently inside this one task and writes each reply as
-/// soon as its request completes, in whatever order that is.
+/// Budget units a request holds: its data (write payload or read result)
+/// in 64 KiB units, and at least one.
+fn budget_units(header: &RequestHeader) -> u32 {
+    let data_bytes = match header.command {
+        Command::Read | Command::Write => header.length.min(PAYLOAD_MAX_BYTES),
+        _ => 0,
+    };
+    data_bytes.div_ceil(BUDGET_UNIT_BYTES).max(1)
+}
+
+/// Runs requests concurrently inside this one task and hands each reply to
+/// the writer as soon as its request completes, in whatever order that is.
+/// Writing happens in its own task so a slow client socket never delays
+/// starting the next requests.
 async fn execute_and_reply<W, B>(
-    mut writer: BufWriter<W>,
+    writer: BufWriter<W>,
     mut requests: mpsc::Receiver<Parsed<B::Buf>>,
     backend: Arc<B>,
     structured: bool,
 ) -> std::io::Result<()>
 where
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
+    let (replies, replies_rx) = mpsc::channel(IN_FLIGHT_PER_CONNECTION_MAX);
+    let writer_task = tokio::spawn(write_replies(writer, replies_rx, structured));
     let size = backend.size();
+    let backend = &*backend;
     let mut in_flight = FuturesUnordered::new();
     let mut accepting = true;
     loop {
         tokio::select! {
             biased;
-            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                write_reply(&mut writer, reply, structured).await?;
-                // Batch whatever else has completed into the same flush.
-                while let Some(Some(reply)) = in_flight.next().now_or_never() {
-                    write_reply(&mut writer, reply, structured).await?;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                if replies.send(done).await.is_err() {
+                    break; // the writer failed: its error is reported below
                 }
-                writer.flush().await?;
             }
             request = requests.recv(), if accepting && in_flight.len() < IN_FLIGHT_PER_CONNECTION_MAX => {
                 match request {
-                    Some((header, payload)) => in_flight.push(execute(&*backend, header, payload, size)),
+                    Some(Parsed { header, payload, budget }) => in_flight.push(async move {
+                        (execute(backend, header, payload, size).await, budget)
+                    }),
                     None => accepting = false,
                 }
             }
             else => break,
         }
+    }
+    drop(replies);
+    writer_task
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+}
+
+/// Writes replies as they come, batching whatever is ready into one flush.
+/// Each reply's budget share is released once it is written.
+async fn write_replies<W, Buf>(
+    mut writer: BufWriter<W>,
+    mut replies: mpsc::Receiver<(Reply<Buf>, OwnedSemaphorePermit)>,
+    structured: bool,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    Buf: AsRef<[u8]>,
+{
+    while let Some((reply, _budget)) = replies.recv().await {
+        write_reply(&mut writer, reply, structured).await?;
+        while let Ok((reply, _budget)) = replies.try_recv() {
+            write_reply(&mut writer, reply, structured).await?;
+        }
+        writer.flush().await?;
     }
     writer.shutdown().await
 }
