@@ -38,7 +38,7 @@ fn have_nbdsh() -> bool {
     }
     let ok = nbdsh("import nbd").status.success();
     if !ok {
-        println!("skipped: nbdsh cannot import the nbd python module");
+        skip("nbdsh cannot import the nbd python module");
     }
     ok
 }
@@ -77,22 +77,10 @@ fn qemu_io_patterns_zeroes_discard_fua_flush() {
             "read -P 0xcd 3M 64k",
         ],
     );
-    assert!(res
-        .data_on_disk("alpha", 0, 12345)
-        .iter()
-        .all(|&b| b == 0xab));
-    assert!(res
-        .data_on_disk("alpha", 12345, 1000)
-        .iter()
-        .all(|&b| b == 0x11));
-    assert!(res
-        .data_on_disk("alpha", 1 << 20, 2 << 20)
-        .iter()
-        .all(|&b| b == 0));
-    assert!(res
-        .data_on_disk("alpha", 3 << 20, 65536)
-        .iter()
-        .all(|&b| b == 0xcd));
+    assert!(res.disk_holds("alpha", 0, 12345, 0xab));
+    assert!(res.disk_holds("alpha", 12345, 1000, 0x11));
+    assert!(res.disk_holds("alpha", 1 << 20, 2 << 20, 0));
+    assert!(res.disk_holds("alpha", 3 << 20, 65536, 0xcd));
     // A wrong pattern must make qemu-io fail, or the reads above prove nothing.
     let out = Command::new("qemu-io")
         .args(["-f", "raw", &res.uri("alpha"), "-c", "read -P 0xee 0 4k"])
@@ -313,10 +301,7 @@ fn nbdsh_export_name_path() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(res
-        .data_on_disk("alpha", 40960, 8192)
-        .iter()
-        .all(|&b| b == 0x5c));
+    assert!(res.disk_holds("alpha", 40960, 8192, 0x5c));
 }
 
 /// A client that dies with many requests in flight neither crashes the node
@@ -513,10 +498,7 @@ fn tcp_export_works() {
         "-c",
         "read -P 0x21 0 64k",
     ]));
-    assert!(res
-        .data_on_disk("alpha", 0, 65536)
-        .iter()
-        .all(|&b| b == 0x21));
+    assert!(res.disk_holds("alpha", 0, 65536, 0x21));
 }
 
 /// The secondary's export refuses third-party clients with a reason.
@@ -550,10 +532,10 @@ impl LoopDevice {
             .output()
             .ok()?;
         if !out.status.success() {
-            println!(
-                "skipped: cannot attach a loop device ({}); needs root and the loop module",
+            skip(&format!(
+                "cannot attach a loop device ({}); needs root and the loop module",
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
+            ));
             return None;
         }
         Some(LoopDevice(
@@ -603,12 +585,6 @@ fn block_device_disk() {
     );
     res.down("alpha", alpha);
     // What the device holds is what the backing file of the loop device holds.
-    assert!(res
-        .data_on_disk("alpha", 1 << 20, 1 << 20)
-        .iter()
-        .all(|&b| b == 0));
-    assert!(res
-        .data_on_disk("alpha", 3 << 20, 1 << 20)
-        .iter()
-        .all(|&b| b == 0x99));
+    assert!(res.disk_holds("alpha", 1 << 20, 1 << 20, 0));
+    assert!(res.disk_holds("alpha", 3 << 20, 1 << 20, 0x99));
 }

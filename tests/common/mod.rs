@@ -23,9 +23,18 @@ pub fn have(tool: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false);
     if !found {
-        println!("skipped: {tool} is not installed (scripts/install-test-deps installs it)");
+        skip(&format!(
+            "{tool} is not installed (scripts/install-test-deps installs it)"
+        ));
     }
     found
+}
+
+/// Says why a test is skipped, on stderr directly so the test harness's
+/// output capture does not swallow it.
+pub fn skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "skipped: {reason}");
 }
 
 /// A two-node resource in a temporary directory; NBD over Unix sockets.
@@ -169,6 +178,15 @@ impl Resource {
         let mut buf = vec![0u8; len];
         f.read_exact_at(&mut buf, DATA_OFFSET + offset).unwrap();
         buf
+    }
+}
+
+impl Resource {
+    /// True when `len` bytes of the node's data area at `offset` all equal `byte`.
+    pub fn disk_holds(&self, node: &str, offset: u64, len: usize, byte: u8) -> bool {
+        self.data_on_disk(node, offset, len)
+            .iter()
+            .all(|&b| b == byte)
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::volume::VolumeStatus;
@@ -54,13 +54,12 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response, Error> {
 pub async fn read_request(stream: &mut BufReader<UnixStream>) -> Result<Request, String> {
     let mut line = Vec::new();
     let mut limited = (&mut *stream).take(REQUEST_LINE_MAX_BYTES as u64);
-    tokio::io::AsyncBufReadExt::read_until(&mut limited, b'\n', &mut line)
+    limited
+        .read_until(b'\n', &mut line)
         .await
         .map_err(|e| e.to_string())?;
     serde_json::from_slice(&line).map_err(|e| format!("bad control request: {e}"))
 }
-
-use tokio::io::AsyncReadExt as _;
 
 pub async fn write_response(
     stream: &mut BufReader<UnixStream>,

@@ -163,19 +163,17 @@ impl Volume {
     /// because the clean-shutdown flag is gone.
     pub fn start(&self) -> Result<(), Error> {
         let mut state = self.state.lock().unwrap();
-        let mut sb = state.superblock.clone();
-        // Coming up after being primary without a clean shutdown is a crash.
-        if sb.flags.contains(Flags::PRIMARY) && !sb.flags.contains(Flags::CLEAN_SHUTDOWN) {
-            tracing::warn!(
-                disk = self.disk,
-                "this node was primary and did not shut down cleanly"
-            );
-            sb.flags.insert(Flags::CRASHED_PRIMARY);
-        }
-        sb.flags.remove(Flags::CLEAN_SHUTDOWN | Flags::PRIMARY);
-        self.write_superblock(&mut sb)?;
-        state.superblock = sb;
-        Ok(())
+        self.persist(&mut state, |sb| {
+            // Coming up after being primary without a clean shutdown is a crash.
+            if sb.flags.contains(Flags::PRIMARY) && !sb.flags.contains(Flags::CLEAN_SHUTDOWN) {
+                tracing::warn!(
+                    disk = self.disk,
+                    "this node was primary and did not shut down cleanly"
+                );
+                sb.flags.insert(Flags::CRASHED_PRIMARY);
+            }
+            sb.flags.remove(Flags::CLEAN_SHUTDOWN | Flags::PRIMARY);
+        })
     }
 
     pub fn resource(&self) -> &str {
@@ -194,11 +192,21 @@ impl Volume {
         self.state.lock().unwrap().role
     }
 
-    fn write_superblock(&self, superblock: &mut Superblock) -> Result<(), Error> {
-        metadata::store(&self.meta, superblock).map_err(|source| Error::Disk {
+    /// Writes a changed copy of the superblock, and adopts it only once it
+    /// is on disk: memory never claims a state the disk does not hold.
+    fn persist(
+        &self,
+        state: &mut State,
+        change: impl FnOnce(&mut Superblock),
+    ) -> Result<(), Error> {
+        let mut sb = state.superblock.clone();
+        change(&mut sb);
+        metadata::store(&self.meta, &mut sb).map_err(|source| Error::Disk {
             disk: self.disk.clone(),
             source,
-        })
+        })?;
+        state.superblock = sb;
+        Ok(())
     }
 
     /// Makes this node primary. Data that is not UpToDate is only promoted
@@ -208,25 +216,24 @@ impl Volume {
         if state.role == Role::Primary {
             return Ok(());
         }
-        let mut sb = state.superblock.clone();
-        let disk_state = DiskState::from_flags(sb.flags);
-        if disk_state != DiskState::UpToDate {
-            if !force {
-                return Err(Error::NotUpToDate { disk_state });
-            }
-            tracing::warn!(
-                ?disk_state,
-                "forced promotion: declaring this node's data valid"
-            );
-            sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
-            sb.generations.start_new(fresh_generation());
-        } else if sb.generations.is_just_created() {
-            sb.generations.start_new(fresh_generation());
+        let disk_state = DiskState::from_flags(state.superblock.flags);
+        if disk_state != DiskState::UpToDate && !force {
+            return Err(Error::NotUpToDate { disk_state });
         }
-        sb.flags.insert(Flags::PRIMARY);
-        sb.flags.remove(Flags::CRASHED_PRIMARY);
-        self.write_superblock(&mut sb)?;
-        state.superblock = sb;
+        self.persist(&mut state, |sb| {
+            if disk_state != DiskState::UpToDate {
+                tracing::warn!(
+                    ?disk_state,
+                    "forced promotion: declaring this node's data valid"
+                );
+                sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
+                sb.generations.start_new(fresh_generation());
+            } else if sb.generations.is_just_created() {
+                sb.generations.start_new(fresh_generation());
+            }
+            sb.flags.insert(Flags::PRIMARY);
+            sb.flags.remove(Flags::CRASHED_PRIMARY);
+        })?;
         state.role = Role::Primary;
         tracing::info!("promoted to Primary");
         Ok(())
@@ -248,11 +255,7 @@ impl Volume {
         }
         self.store.flush().await?;
         let mut state = self.state.lock().unwrap();
-        let mut sb = state.superblock.clone();
-        sb.flags.remove(Flags::PRIMARY);
-        self.write_superblock(&mut sb)?;
-        state.superblock = sb;
-        state.role = Role::Secondary;
+        self.persist(&mut state, |sb| sb.flags.remove(Flags::PRIMARY))?;
         tracing::info!("demoted to Secondary");
         Ok(())
     }
@@ -261,12 +264,11 @@ impl Volume {
     pub async fn shutdown(&self) -> Result<(), Error> {
         self.store.flush().await?;
         let mut state = self.state.lock().unwrap();
-        let mut sb = state.superblock.clone();
-        sb.flags.remove(Flags::PRIMARY);
-        sb.flags.insert(Flags::CLEAN_SHUTDOWN);
-        self.write_superblock(&mut sb)?;
-        state.superblock = sb;
         state.role = Role::Secondary;
+        self.persist(&mut state, |sb| {
+            sb.flags.remove(Flags::PRIMARY);
+            sb.flags.insert(Flags::CLEAN_SHUTDOWN);
+        })?;
         Ok(())
     }
 
