@@ -1,0 +1,452 @@
+//! The messages two nodes exchange, and their payload encoding.
+//!
+//! A message's kind travels in the frame header; its payload is a fixed
+//! little-endian layout per kind. Decoding checks every length against the
+//! bytes actually present and refuses trailing bytes, so an untrusted payload
+//! can produce an error but never a panic or an over-read.
+
+use crate::frame::FrameHeader;
+
+pub const NODE_NAME_MAX_BYTES: usize = 64;
+pub const NONCE_BYTES: usize = 32;
+pub const MAC_BYTES: usize = 32;
+/// Longest bitmap chunk: 64 KiB of bitmap (2 GiB of data at 4 KiB granularity).
+pub const BITMAP_CHUNK_MAX_BYTES: usize = 64 * 1024;
+
+/// Write flags carried with replicated data.
+pub const WRITE_FLAG_FUA: u32 = 1 << 0;
+/// The write must be preceded by a flush of everything before it.
+pub const WRITE_FLAG_PREFLUSH: u32 = 1 << 1;
+
+/// Message kinds (the frame header's `kind`).
+pub mod kind {
+    pub const HELLO: u16 = 1;
+    pub const AUTH_CHALLENGE: u16 = 2;
+    pub const AUTH_RESPONSE: u16 = 3;
+    pub const WRITE: u16 = 10;
+    pub const ACK: u16 = 11;
+    pub const BARRIER: u16 = 12;
+    pub const BARRIER_ACK: u16 = 13;
+    pub const BITMAP: u16 = 20;
+    pub const RESYNC_REQUEST: u16 = 21;
+    pub const RESYNC_DATA: u16 = 22;
+    pub const RESYNC_CHECKSUM: u16 = 23;
+    pub const PING: u16 = 30;
+    pub const PONG: u16 = 31;
+    pub const STATE: u16 = 40;
+}
+
+/// Generation identifiers as exchanged on connect (see the metadata crate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Generations {
+    pub current: u64,
+    pub bitmap: u64,
+    pub history: [u64; 2],
+}
+
+/// The first message on every link, in both directions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub volume_uuid: [u8; 16],
+    pub node_name: String,
+    /// Which of the node's links this connection is (0 or 1).
+    pub link_index: u8,
+    pub data_size: u64,
+    pub granularity: u32,
+    pub generations: Generations,
+    /// The sender's metadata flags (consistent, up-to-date, primary, ...).
+    pub flags: u32,
+    /// Random per process start, so a peer can tell a restart from a
+    /// second link of the same run.
+    pub session: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    /// The peer has the data in memory (protocol B).
+    Received,
+    /// The peer's disk has the data (protocol C).
+    Written,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    AuthChallenge { nonce: [u8; NONCE_BYTES] },
+    AuthResponse { mac: [u8; MAC_BYTES] },
+    /// A replicated application write, ordered by `seq`.
+    Write {
+        seq: u64,
+        offset: u64,
+        flags: u32,
+        data: Vec<u8>,
+    },
+    /// `errno` is 0 on success, else the peer's error for that write.
+    Ack { seq: u64, kind: AckKind, errno: u32 },
+    /// Closes epoch `epoch`: every write before it precedes every write after.
+    Barrier { epoch: u64 },
+    BarrierAck { epoch: u64 },
+    /// A slice of the sender's dirty bitmap, starting at bit `first_bit`.
+    Bitmap {
+        first_bit: u64,
+        total_bits: u64,
+        bits: Vec<u8>,
+    },
+    /// Asks for a range; with `checksum_only` the answer is its checksum.
+    ResyncRequest { offset: u64, len: u32, checksum_only: bool },
+    ResyncData { offset: u64, data: Vec<u8> },
+    ResyncChecksum { offset: u64, len: u32, crc: u32 },
+    Ping { token: u64 },
+    Pong { token: u64 },
+    /// The sender's role and disk state changed.
+    State { role: u8, disk_state: u8, flags: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("Unknown message kind {0}")]
+    UnknownKind(u16),
+    #[error("Message kind {kind} payload is truncated")]
+    Truncated { kind: u16 },
+    #[error("Message kind {kind} has {extra} trailing bytes")]
+    Trailing { kind: u16, extra: usize },
+    #[error("Message kind {kind}: {what}")]
+    Invalid { kind: u16, what: &'static str },
+}
+
+impl Message {
+    pub fn kind(&self) -> u16 {
+        match self {
+            Message::Hello(_) => kind::HELLO,
+            Message::AuthChallenge { .. } => kind::AUTH_CHALLENGE,
+            Message::AuthResponse { .. } => kind::AUTH_RESPONSE,
+            Message::Write { .. } => kind::WRITE,
+            Message::Ack { .. } => kind::ACK,
+            Message::Barrier { .. } => kind::BARRIER,
+            Message::BarrierAck { .. } => kind::BARRIER_ACK,
+            Message::Bitmap { .. } => kind::BITMAP,
+            Message::ResyncRequest { .. } => kind::RESYNC_REQUEST,
+            Message::ResyncData { .. } => kind::RESYNC_DATA,
+            Message::ResyncChecksum { .. } => kind::RESYNC_CHECKSUM,
+            Message::Ping { .. } => kind::PING,
+            Message::Pong { .. } => kind::PONG,
+            Message::State { .. } => kind::STATE,
+        }
+    }
+
+    pub fn encode_payload(&self) -> Vec<u8> {
+        let mut w = Vec::new();
+        match self {
+            Message::Hello(h) => {
+                w.extend_from_slice(&h.volume_uuid);
+                put_bytes16(&mut w, h.node_name.as_bytes());
+                w.push(h.link_index);
+                w.extend_from_slice(&h.data_size.to_le_bytes());
+                w.extend_from_slice(&h.granularity.to_le_bytes());
+                for g in [h.generations.current, h.generations.bitmap, h.generations.history[0], h.generations.history[1]] {
+                    w.extend_from_slice(&g.to_le_bytes());
+                }
+                w.extend_from_slice(&h.flags.to_le_bytes());
+                w.extend_from_slice(&h.session.to_le_bytes());
+            }
+            Message::AuthChallenge { nonce } => w.extend_from_slice(nonce),
+            Message::AuthResponse { mac } => w.extend_from_slice(mac),
+            Message::Write { seq, offset, flags, data } => {
+                w.extend_from_slice(&seq.to_le_bytes());
+                w.extend_from_slice(&offset.to_le_bytes());
+                w.extend_from_slice(&flags.to_le_bytes());
+                w.extend_from_slice(data);
+            }
+            Message::Ack { seq, kind, errno } => {
+                w.extend_from_slice(&seq.to_le_bytes());
+                w.push(match kind {
+                    AckKind::Received => 0,
+                    AckKind::Written => 1,
+                });
+                w.extend_from_slice(&errno.to_le_bytes());
+            }
+            Message::Barrier { epoch } | Message::BarrierAck { epoch } => w.extend_from_slice(&epoch.to_le_bytes()),
+            Message::Bitmap { first_bit, total_bits, bits } => {
+                w.extend_from_slice(&first_bit.to_le_bytes());
+                w.extend_from_slice(&total_bits.to_le_bytes());
+                w.extend_from_slice(bits);
+            }
+            Message::ResyncRequest { offset, len, checksum_only } => {
+                w.extend_from_slice(&offset.to_le_bytes());
+                w.extend_from_slice(&len.to_le_bytes());
+                w.push(u8::from(*checksum_only));
+            }
+            Message::ResyncData { offset, data } => {
+                w.extend_from_slice(&offset.to_le_bytes());
+                w.extend_from_slice(data);
+            }
+            Message::ResyncChecksum { offset, len, crc } => {
+                w.extend_from_slice(&offset.to_le_bytes());
+                w.extend_from_slice(&len.to_le_bytes());
+                w.extend_from_slice(&crc.to_le_bytes());
+            }
+            Message::Ping { token } | Message::Pong { token } => w.extend_from_slice(&token.to_le_bytes()),
+            Message::State { role, disk_state, flags } => {
+                w.push(*role);
+                w.push(*disk_state);
+                w.extend_from_slice(&flags.to_le_bytes());
+            }
+        }
+        w
+    }
+
+    /// Decodes the payload of a frame whose header has been checked.
+    pub fn decode(header: &FrameHeader, payload: &[u8]) -> Result<Message, MessageError> {
+        Message::decode_payload(header.kind, payload)
+    }
+
+    pub fn decode_payload(kind: u16, payload: &[u8]) -> Result<Message, MessageError> {
+        let mut r = Reader { kind, buf: payload };
+        let message = match kind {
+            kind::HELLO => {
+                let volume_uuid = r.array::<16>()?;
+                let name = r.bytes16()?;
+                if name.len() > NODE_NAME_MAX_BYTES {
+                    return Err(r.invalid("node name too long"));
+                }
+                let node_name = std::str::from_utf8(name)
+                    .map_err(|_| r.invalid("node name is not UTF-8"))?
+                    .to_string();
+                let link_index = r.u8()?;
+                if link_index > 1 {
+                    return Err(r.invalid("link index above 1"));
+                }
+                Message::Hello(Hello {
+                    volume_uuid,
+                    node_name,
+                    link_index,
+                    data_size: r.u64()?,
+                    granularity: r.u32()?,
+                    generations: Generations {
+                        current: r.u64()?,
+                        bitmap: r.u64()?,
+                        history: [r.u64()?, r.u64()?],
+                    },
+                    flags: r.u32()?,
+                    session: r.u64()?,
+                })
+            }
+            kind::AUTH_CHALLENGE => Message::AuthChallenge { nonce: r.array()? },
+            kind::AUTH_RESPONSE => Message::AuthResponse { mac: r.array()? },
+            kind::WRITE => Message::Write {
+                seq: r.u64()?,
+                offset: r.u64()?,
+                flags: r.u32()?,
+                data: r.rest(),
+            },
+            kind::ACK => Message::Ack {
+                seq: r.u64()?,
+                kind: match r.u8()? {
+                    0 => AckKind::Received,
+                    1 => AckKind::Written,
+                    _ => return Err(r.invalid("unknown ack kind")),
+                },
+                errno: r.u32()?,
+            },
+            kind::BARRIER => Message::Barrier { epoch: r.u64()? },
+            kind::BARRIER_ACK => Message::BarrierAck { epoch: r.u64()? },
+            kind::BITMAP => {
+                let first_bit = r.u64()?;
+                let total_bits = r.u64()?;
+                let bits = r.rest();
+                if bits.len() > BITMAP_CHUNK_MAX_BYTES {
+                    return Err(r.invalid("bitmap chunk too large"));
+                }
+                let end = (bits.len() as u64).checked_mul(8).and_then(|n| first_bit.checked_add(n));
+                if first_bit % 8 != 0 || end.is_none_or(|e| e > total_bits.next_multiple_of(8)) {
+                    return Err(r.invalid("bitmap chunk outside the bitmap"));
+                }
+                Message::Bitmap {
+                    first_bit,
+                    total_bits,
+                    bits,
+                }
+            }
+            kind::RESYNC_REQUEST => Message::ResyncRequest {
+                offset: r.u64()?,
+                len: r.u32()?,
+                checksum_only: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(r.invalid("checksum flag is not 0 or 1")),
+                },
+            },
+            kind::RESYNC_DATA => Message::ResyncData {
+                offset: r.u64()?,
+                data: r.rest(),
+            },
+            kind::RESYNC_CHECKSUM => Message::ResyncChecksum {
+                offset: r.u64()?,
+                len: r.u32()?,
+                crc: r.u32()?,
+            },
+            kind::PING => Message::Ping { token: r.u64()? },
+            kind::PONG => Message::Pong { token: r.u64()? },
+            kind::STATE => Message::State {
+                role: r.u8()?,
+                disk_state: r.u8()?,
+                flags: r.u32()?,
+            },
+            other => return Err(MessageError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(message)
+    }
+}
+
+fn put_bytes16(w: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u16::try_from(bytes.len()).expect("short strings only");
+    w.extend_from_slice(&len.to_le_bytes());
+    w.extend_from_slice(bytes);
+}
+
+struct Reader<'a> {
+    kind: u16,
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], MessageError> {
+        if self.buf.len() < n {
+            return Err(MessageError::Truncated { kind: self.kind });
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], MessageError> {
+        Ok(self.take(N)?.try_into().expect("took exactly N"))
+    }
+    fn u8(&mut self) -> Result<u8, MessageError> {
+        Ok(self.array::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, MessageError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, MessageError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn bytes16(&mut self) -> Result<&'a [u8], MessageError> {
+        let len = u16::from_le_bytes(self.array()?) as usize;
+        self.take(len)
+    }
+    fn rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf).to_vec()
+    }
+    fn invalid(&self, what: &'static str) -> MessageError {
+        MessageError::Invalid { kind: self.kind, what }
+    }
+    fn finish(self) -> Result<(), MessageError> {
+        match self.buf.len() {
+            0 => Ok(()),
+            extra => Err(MessageError::Trailing { kind: self.kind, extra }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..512);
+        prop_oneof![
+            (any::<[u8; 16]>(), "[a-z]{1,64}", 0u8..2, any::<u64>(), any::<u32>(), any::<[u64; 4]>(), any::<u32>(), any::<u64>())
+                .prop_map(|(volume_uuid, node_name, link_index, data_size, granularity, g, flags, session)| {
+                    Message::Hello(Hello {
+                        volume_uuid,
+                        node_name,
+                        link_index,
+                        data_size,
+                        granularity,
+                        generations: Generations {
+                            current: g[0],
+                            bitmap: g[1],
+                            history: [g[2], g[3]],
+                        },
+                        flags,
+                        session,
+                    })
+                }),
+            any::<[u8; 32]>().prop_map(|nonce| Message::AuthChallenge { nonce }),
+            any::<[u8; 32]>().prop_map(|mac| Message::AuthResponse { mac }),
+            (any::<u64>(), any::<u64>(), any::<u32>(), bytes())
+                .prop_map(|(seq, offset, flags, data)| Message::Write { seq, offset, flags, data }),
+            (any::<u64>(), any::<bool>(), any::<u32>()).prop_map(|(seq, written, errno)| Message::Ack {
+                seq,
+                kind: if written { AckKind::Written } else { AckKind::Received },
+                errno
+            }),
+            any::<u64>().prop_map(|epoch| Message::Barrier { epoch }),
+            any::<u64>().prop_map(|epoch| Message::BarrierAck { epoch }),
+            (0u64..1 << 40, bytes()).prop_map(|(first_byte, bits)| Message::Bitmap {
+                first_bit: first_byte * 8,
+                total_bits: first_byte * 8 + bits.len() as u64 * 8,
+                bits
+            }),
+            (any::<u64>(), any::<u32>(), any::<bool>())
+                .prop_map(|(offset, len, checksum_only)| Message::ResyncRequest { offset, len, checksum_only }),
+            (any::<u64>(), bytes()).prop_map(|(offset, data)| Message::ResyncData { offset, data }),
+            (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(offset, len, crc)| Message::ResyncChecksum {
+                offset,
+                len,
+                crc
+            }),
+            any::<u64>().prop_map(|token| Message::Ping { token }),
+            any::<u64>().prop_map(|token| Message::Pong { token }),
+            (any::<u8>(), any::<u8>(), any::<u32>()).prop_map(|(role, disk_state, flags)| Message::State {
+                role,
+                disk_state,
+                flags
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(message in arb_message()) {
+            let payload = message.encode_payload();
+            prop_assert_eq!(Message::decode_payload(message.kind(), &payload), Ok(message));
+        }
+
+        #[test]
+        fn arbitrary_payloads_never_panic(kind in 0u16..64, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Message::decode_payload(kind, &payload);
+        }
+
+        #[test]
+        fn truncation_is_an_error(message in arb_message(), cut in 1usize..8) {
+            let payload = message.encode_payload();
+            // Kinds ending in a variable-length tail cannot tell a cut from shorter data.
+            prop_assume!(!matches!(message, Message::Write { .. } | Message::ResyncData { .. } | Message::Bitmap { .. }));
+            let cut = cut.min(payload.len());
+            prop_assert!(Message::decode_payload(message.kind(), &payload[..payload.len() - cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut payload = Message::Ping { token: 1 }.encode_payload();
+        payload.push(0);
+        assert_eq!(
+            Message::decode_payload(kind::PING, &payload),
+            Err(MessageError::Trailing { kind: kind::PING, extra: 1 })
+        );
+    }
+
+    #[test]
+    fn bitmap_chunk_beyond_its_bitmap_is_refused() {
+        let bad = Message::Bitmap {
+            first_bit: 8,
+            total_bits: 8,
+            bits: vec![0xff],
+        };
+        assert!(Message::decode_payload(kind::BITMAP, &bad.encode_payload()).is_err());
+    }
+}
