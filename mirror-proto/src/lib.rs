@@ -55,11 +55,21 @@ mod tests {
             data: vec![1, 2, 3],
         };
         let bytes = encode_frame(&message, [9; 16], 1);
-        assert_eq!(decode_frame(&bytes[..bytes.len() - 1]), Ok(None), "incomplete frame waits for more");
+        assert_eq!(
+            decode_frame(&bytes[..bytes.len() - 1]),
+            Ok(None),
+            "incomplete frame waits for more"
+        );
         let (header, decoded, used) = decode_frame(&bytes).unwrap().unwrap();
-        assert_eq!((decoded, used, header.volume_uuid), (message, bytes.len(), [9; 16]));
+        assert_eq!(
+            (decoded, used, header.volume_uuid),
+            (message, bytes.len(), [9; 16])
+        );
         let mut corrupt = bytes.clone();
         *corrupt.last_mut().unwrap() ^= 1;
-        assert_eq!(decode_frame(&corrupt), Err(DecodeError::Frame(FrameError::PayloadChecksum)));
+        assert_eq!(
+            decode_frame(&corrupt),
+            Err(DecodeError::Frame(FrameError::PayloadChecksum))
+        );
     }
 }

@@ -72,8 +72,12 @@ pub enum AckKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Hello(Hello),
-    AuthChallenge { nonce: [u8; NONCE_BYTES] },
-    AuthResponse { mac: [u8; MAC_BYTES] },
+    AuthChallenge {
+        nonce: [u8; NONCE_BYTES],
+    },
+    AuthResponse {
+        mac: [u8; MAC_BYTES],
+    },
     /// A replicated application write, ordered by `seq`.
     Write {
         seq: u64,
@@ -82,10 +86,18 @@ pub enum Message {
         data: Vec<u8>,
     },
     /// `errno` is 0 on success, else the peer's error for that write.
-    Ack { seq: u64, kind: AckKind, errno: u32 },
+    Ack {
+        seq: u64,
+        kind: AckKind,
+        errno: u32,
+    },
     /// Closes epoch `epoch`: every write before it precedes every write after.
-    Barrier { epoch: u64 },
-    BarrierAck { epoch: u64 },
+    Barrier {
+        epoch: u64,
+    },
+    BarrierAck {
+        epoch: u64,
+    },
     /// A slice of the sender's dirty bitmap, starting at bit `first_bit`.
     Bitmap {
         first_bit: u64,
@@ -93,13 +105,32 @@ pub enum Message {
         bits: Vec<u8>,
     },
     /// Asks for a range; with `checksum_only` the answer is its checksum.
-    ResyncRequest { offset: u64, len: u32, checksum_only: bool },
-    ResyncData { offset: u64, data: Vec<u8> },
-    ResyncChecksum { offset: u64, len: u32, crc: u32 },
-    Ping { token: u64 },
-    Pong { token: u64 },
+    ResyncRequest {
+        offset: u64,
+        len: u32,
+        checksum_only: bool,
+    },
+    ResyncData {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    ResyncChecksum {
+        offset: u64,
+        len: u32,
+        crc: u32,
+    },
+    Ping {
+        token: u64,
+    },
+    Pong {
+        token: u64,
+    },
     /// The sender's role and disk state changed.
-    State { role: u8, disk_state: u8, flags: u32 },
+    State {
+        role: u8,
+        disk_state: u8,
+        flags: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -143,7 +174,12 @@ impl Message {
                 w.push(h.link_index);
                 w.extend_from_slice(&h.data_size.to_le_bytes());
                 w.extend_from_slice(&h.granularity.to_le_bytes());
-                for g in [h.generations.current, h.generations.bitmap, h.generations.history[0], h.generations.history[1]] {
+                for g in [
+                    h.generations.current,
+                    h.generations.bitmap,
+                    h.generations.history[0],
+                    h.generations.history[1],
+                ] {
                     w.extend_from_slice(&g.to_le_bytes());
                 }
                 w.extend_from_slice(&h.flags.to_le_bytes());
@@ -151,7 +187,12 @@ impl Message {
             }
             Message::AuthChallenge { nonce } => w.extend_from_slice(nonce),
             Message::AuthResponse { mac } => w.extend_from_slice(mac),
-            Message::Write { seq, offset, flags, data } => {
+            Message::Write {
+                seq,
+                offset,
+                flags,
+                data,
+            } => {
                 w.extend_from_slice(&seq.to_le_bytes());
                 w.extend_from_slice(&offset.to_le_bytes());
                 w.extend_from_slice(&flags.to_le_bytes());
@@ -165,13 +206,23 @@ impl Message {
                 });
                 w.extend_from_slice(&errno.to_le_bytes());
             }
-            Message::Barrier { epoch } | Message::BarrierAck { epoch } => w.extend_from_slice(&epoch.to_le_bytes()),
-            Message::Bitmap { first_bit, total_bits, bits } => {
+            Message::Barrier { epoch } | Message::BarrierAck { epoch } => {
+                w.extend_from_slice(&epoch.to_le_bytes())
+            }
+            Message::Bitmap {
+                first_bit,
+                total_bits,
+                bits,
+            } => {
                 w.extend_from_slice(&first_bit.to_le_bytes());
                 w.extend_from_slice(&total_bits.to_le_bytes());
                 w.extend_from_slice(bits);
             }
-            Message::ResyncRequest { offset, len, checksum_only } => {
+            Message::ResyncRequest {
+                offset,
+                len,
+                checksum_only,
+            } => {
                 w.extend_from_slice(&offset.to_le_bytes());
                 w.extend_from_slice(&len.to_le_bytes());
                 w.push(u8::from(*checksum_only));
@@ -185,8 +236,14 @@ impl Message {
                 w.extend_from_slice(&len.to_le_bytes());
                 w.extend_from_slice(&crc.to_le_bytes());
             }
-            Message::Ping { token } | Message::Pong { token } => w.extend_from_slice(&token.to_le_bytes()),
-            Message::State { role, disk_state, flags } => {
+            Message::Ping { token } | Message::Pong { token } => {
+                w.extend_from_slice(&token.to_le_bytes())
+            }
+            Message::State {
+                role,
+                disk_state,
+                flags,
+            } => {
                 w.push(*role);
                 w.push(*disk_state);
                 w.extend_from_slice(&flags.to_le_bytes());
@@ -257,7 +314,9 @@ impl Message {
                 if bits.len() > BITMAP_CHUNK_MAX_BYTES {
                     return Err(r.invalid("bitmap chunk too large"));
                 }
-                let end = (bits.len() as u64).checked_mul(8).and_then(|n| first_bit.checked_add(n));
+                let end = (bits.len() as u64)
+                    .checked_mul(8)
+                    .and_then(|n| first_bit.checked_add(n));
                 if first_bit % 8 != 0 || end.is_none_or(|e| e > total_bits.next_multiple_of(8)) {
                     return Err(r.invalid("bitmap chunk outside the bitmap"));
                 }
@@ -339,12 +398,18 @@ impl<'a> Reader<'a> {
         std::mem::take(&mut self.buf).to_vec()
     }
     fn invalid(&self, what: &'static str) -> MessageError {
-        MessageError::Invalid { kind: self.kind, what }
+        MessageError::Invalid {
+            kind: self.kind,
+            what,
+        }
     }
     fn finish(self) -> Result<(), MessageError> {
         match self.buf.len() {
             0 => Ok(()),
-            extra => Err(MessageError::Trailing { kind: self.kind, extra }),
+            extra => Err(MessageError::Trailing {
+                kind: self.kind,
+                extra,
+            }),
         }
     }
 }
@@ -357,31 +422,63 @@ mod tests {
     fn arb_message() -> impl Strategy<Value = Message> {
         let bytes = || proptest::collection::vec(any::<u8>(), 0..512);
         prop_oneof![
-            (any::<[u8; 16]>(), "[a-z]{1,64}", 0u8..2, any::<u64>(), any::<u32>(), any::<[u64; 4]>(), any::<u32>(), any::<u64>())
-                .prop_map(|(volume_uuid, node_name, link_index, data_size, granularity, g, flags, session)| {
-                    Message::Hello(Hello {
+            (
+                any::<[u8; 16]>(),
+                "[a-z]{1,64}",
+                0u8..2,
+                any::<u64>(),
+                any::<u32>(),
+                any::<[u64; 4]>(),
+                any::<u32>(),
+                any::<u64>()
+            )
+                .prop_map(
+                    |(
                         volume_uuid,
                         node_name,
                         link_index,
                         data_size,
                         granularity,
-                        generations: Generations {
-                            current: g[0],
-                            bitmap: g[1],
-                            history: [g[2], g[3]],
-                        },
+                        g,
                         flags,
                         session,
-                    })
-                }),
+                    )| {
+                        Message::Hello(Hello {
+                            volume_uuid,
+                            node_name,
+                            link_index,
+                            data_size,
+                            granularity,
+                            generations: Generations {
+                                current: g[0],
+                                bitmap: g[1],
+                                history: [g[2], g[3]],
+                            },
+                            flags,
+                            session,
+                        })
+                    }
+                ),
             any::<[u8; 32]>().prop_map(|nonce| Message::AuthChallenge { nonce }),
             any::<[u8; 32]>().prop_map(|mac| Message::AuthResponse { mac }),
-            (any::<u64>(), any::<u64>(), any::<u32>(), bytes())
-                .prop_map(|(seq, offset, flags, data)| Message::Write { seq, offset, flags, data }),
-            (any::<u64>(), any::<bool>(), any::<u32>()).prop_map(|(seq, written, errno)| Message::Ack {
-                seq,
-                kind: if written { AckKind::Written } else { AckKind::Received },
-                errno
+            (any::<u64>(), any::<u64>(), any::<u32>(), bytes()).prop_map(
+                |(seq, offset, flags, data)| Message::Write {
+                    seq,
+                    offset,
+                    flags,
+                    data
+                }
+            ),
+            (any::<u64>(), any::<bool>(), any::<u32>()).prop_map(|(seq, written, errno)| {
+                Message::Ack {
+                    seq,
+                    kind: if written {
+                        AckKind::Written
+                    } else {
+                        AckKind::Received
+                    },
+                    errno,
+                }
             }),
             any::<u64>().prop_map(|epoch| Message::Barrier { epoch }),
             any::<u64>().prop_map(|epoch| Message::BarrierAck { epoch }),
@@ -390,20 +487,24 @@ mod tests {
                 total_bits: first_byte * 8 + bits.len() as u64 * 8,
                 bits
             }),
-            (any::<u64>(), any::<u32>(), any::<bool>())
-                .prop_map(|(offset, len, checksum_only)| Message::ResyncRequest { offset, len, checksum_only }),
-            (any::<u64>(), bytes()).prop_map(|(offset, data)| Message::ResyncData { offset, data }),
-            (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(offset, len, crc)| Message::ResyncChecksum {
-                offset,
-                len,
-                crc
+            (any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(offset, len, checksum_only)| {
+                Message::ResyncRequest {
+                    offset,
+                    len,
+                    checksum_only,
+                }
             }),
+            (any::<u64>(), bytes()).prop_map(|(offset, data)| Message::ResyncData { offset, data }),
+            (any::<u64>(), any::<u32>(), any::<u32>())
+                .prop_map(|(offset, len, crc)| Message::ResyncChecksum { offset, len, crc }),
             any::<u64>().prop_map(|token| Message::Ping { token }),
             any::<u64>().prop_map(|token| Message::Pong { token }),
-            (any::<u8>(), any::<u8>(), any::<u32>()).prop_map(|(role, disk_state, flags)| Message::State {
-                role,
-                disk_state,
-                flags
+            (any::<u8>(), any::<u8>(), any::<u32>()).prop_map(|(role, disk_state, flags)| {
+                Message::State {
+                    role,
+                    disk_state,
+                    flags,
+                }
             }),
         ]
     }
@@ -436,7 +537,10 @@ mod tests {
         payload.push(0);
         assert_eq!(
             Message::decode_payload(kind::PING, &payload),
-            Err(MessageError::Trailing { kind: kind::PING, extra: 1 })
+            Err(MessageError::Trailing {
+                kind: kind::PING,
+                extra: 1
+            })
         );
     }
 

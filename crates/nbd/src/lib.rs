@@ -60,6 +60,20 @@ pub async fn accept_loop<B: Backend>(
     connections.shutdown().await;
 }
 
+/// Socket send buffer asked for, so a whole large read reply fits in one
+/// write instead of several round trips (the kernel caps it at wmem_max).
+const SEND_BUFFER_BYTES: usize = 4 << 20;
+
+fn widen_send_buffer(socket: &impl std::os::fd::AsFd) {
+    if let Err(e) = nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::SndBuf,
+        &SEND_BUFFER_BYTES,
+    ) {
+        tracing::debug!(error = %e, "cannot widen the socket send buffer");
+    }
+}
+
 trait BoxedStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> BoxedStream for T {}
 
@@ -67,11 +81,13 @@ async fn accept(listener: &Listener) -> std::io::Result<(Box<dyn BoxedStream>, S
     Ok(match listener {
         Listener::Unix(l) => {
             let (s, _) = l.accept().await?;
+            widen_send_buffer(&s);
             (Box::new(s), "unix".to_string())
         }
         Listener::Tcp(l) => {
             let (s, addr) = l.accept().await?;
             s.set_nodelay(true)?;
+            widen_send_buffer(&s);
             (Box::new(s), addr.to_string())
         }
     })
