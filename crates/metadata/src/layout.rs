@@ -29,8 +29,11 @@ pub const MD_ALIGN_BYTES: u64 = MIB;
 pub const GRANULARITY_DEFAULT_BYTES: u32 = 4096;
 pub const GRANULARITY_MIN_BYTES: u32 = 4096;
 pub const GRANULARITY_MAX_BYTES: u32 = 64 * 1024 * 1024;
-/// Bitmap pages are written whole.
+/// Bitmap pages are written whole: a 16-byte header (magic, version, page
+/// index, checksum), then the bits.
 pub const BITMAP_PAGE_BYTES: u64 = 4 * KIB;
+pub const BITMAP_PAGE_HEADER_BYTES: u64 = 16;
+pub const BITS_PER_BITMAP_PAGE: u64 = (BITMAP_PAGE_BYTES - BITMAP_PAGE_HEADER_BYTES) * 8;
 
 const _: () = assert!(SLOT_SIZE_BYTES * SLOT_COUNT <= AL_OFFSET_BYTES);
 const _: () = assert!(BITMAP_OFFSET_BYTES.is_multiple_of(BITMAP_PAGE_BYTES));
@@ -57,7 +60,7 @@ impl Layout {
         let granularity_bytes = u64::from(granularity);
         // One bit per granule of the whole disk is an upper bound for the data area.
         let bits = disk_size.div_ceil(granularity_bytes);
-        let bitmap_size = bits.div_ceil(8).next_multiple_of(BITMAP_PAGE_BYTES);
+        let bitmap_size = bits.div_ceil(BITS_PER_BITMAP_PAGE) * BITMAP_PAGE_BYTES;
         let md_size = (BITMAP_OFFSET_BYTES + bitmap_size).next_multiple_of(MD_ALIGN_BYTES);
         let data_size = disk_size.saturating_sub(md_size) / granularity_bytes * granularity_bytes;
         if data_size == 0 {
@@ -94,7 +97,7 @@ impl Layout {
         if self.data_size == 0 || !self.data_size.is_multiple_of(u64::from(self.granularity)) {
             return invalid("data size is not a non-zero multiple of the granularity");
         }
-        if self.bitmap_size < granules.div_ceil(8) {
+        if self.bitmap_size < granules.div_ceil(BITS_PER_BITMAP_PAGE) * BITMAP_PAGE_BYTES {
             return invalid("bitmap is too small for the data area");
         }
         match self.bitmap_offset.checked_add(self.bitmap_size) {
@@ -139,8 +142,8 @@ mod tests {
     fn terabyte_disk_has_room_for_its_bitmap() {
         let disk = 1024 * 1024 * MIB;
         let layout = Layout::for_disk(disk, GRANULARITY_DEFAULT_BYTES).unwrap();
-        // 2^28 granules need 32 MiB of bitmap.
-        assert_eq!(layout.bitmap_size, 32 * MIB);
+        // 2^28 granules need 8225 pages of 32640 bits: a little over 32 MiB.
+        assert_eq!(layout.bitmap_size, 8225 * BITMAP_PAGE_BYTES);
         assert_eq!(layout.data_offset, 33 * MIB);
         layout.validate(disk).unwrap();
     }

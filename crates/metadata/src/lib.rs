@@ -3,6 +3,8 @@
 //! identifiers that decide which side holds the latest data.
 #![forbid(unsafe_code)]
 
+pub mod activity_log;
+pub mod bitmap;
 pub mod layout;
 pub mod signature;
 pub mod slots;

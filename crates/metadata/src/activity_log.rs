@@ -1,0 +1,327 @@
+//! The activity log: the set of "hot" extents that writes may be in flight
+//! to. Before the first write to an extent outside the set, a transaction
+//! naming the new set is made durable; after a crash, only those extents can
+//! differ from the peer without the bitmap knowing, so only they are marked
+//! dirty. This makes crash safety cheap: the bitmap itself is written only
+//! when an extent leaves the set, not on every write.
+//!
+//! On disk: a ring of 4 KiB slots in the activity-log region. Each slot
+//! holds a whole transaction: magic `BMAL` (u32), version (u16), reserved
+//! (u16), sequence (u64), extent count (u32), CRC32C (u32) over the rest,
+//! then the extent numbers (u32 each). The valid slot with the highest
+//! sequence is the set in force; a torn newest slot leaves the one before.
+
+use std::collections::HashMap;
+
+use crate::bitmap::DirtyBitmap;
+use crate::layout::Layout;
+use crate::slots::MetaDevice;
+use crate::Error;
+
+/// Data covered by one extent.
+pub const EXTENT_BYTES: u64 = 4 << 20;
+pub const SLOT_BYTES: u64 = 4096;
+const HEADER_BYTES: usize = 24;
+/// Extents in the set at most (4 GiB of hot data); one slot holds them all.
+pub const EXTENTS_MAX: usize = 1000;
+/// Extents in the set at least: one write may touch up to this many less
+/// one (60 MiB), and a write never evicts an extent it touches itself.
+pub const EXTENTS_MIN: usize = 16;
+const MAGIC: u32 = u32::from_le_bytes(*b"BMAL");
+const VERSION: u16 = 1;
+const _: () = assert!(HEADER_BYTES + EXTENTS_MAX * 4 <= SLOT_BYTES as usize);
+
+/// A transaction the caller must make durable before the write that caused
+/// it is issued. If `evicted` is not empty, the bitmap must be flushed first:
+/// those extents leave the log, so from then on only the on-disk bitmap
+/// remembers whether they are dirty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub sequence: u64,
+    pub disk_offset: u64,
+    pub slot: Vec<u8>,
+    pub evicted: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ActivityLog {
+    region_offset: u64,
+    slot_count: u64,
+    capacity: usize,
+    /// Active extents and when each was last used (a logical clock).
+    active: HashMap<u32, u64>,
+    clock: u64,
+    next_sequence: u64,
+}
+
+impl ActivityLog {
+    /// An empty log continuing after `last_sequence` (0 for a new disk).
+    pub fn new(layout: &Layout, capacity: usize, last_sequence: u64) -> ActivityLog {
+        ActivityLog {
+            region_offset: layout.al_offset,
+            slot_count: layout.al_size / SLOT_BYTES,
+            capacity: capacity.clamp(EXTENTS_MIN, EXTENTS_MAX),
+            active: HashMap::new(),
+            clock: 0,
+            next_sequence: last_sequence + 1,
+        }
+    }
+
+    pub fn active_extents(&self) -> Vec<u32> {
+        let mut extents: Vec<u32> = self.active.keys().copied().collect();
+        extents.sort_unstable();
+        extents
+    }
+
+    /// Extents a byte range touches.
+    pub fn extents_of(offset: u64, len: u64) -> std::ops::Range<u32> {
+        if len == 0 {
+            return 0..0;
+        }
+        let first = offset / EXTENT_BYTES;
+        let end = offset.saturating_add(len).div_ceil(EXTENT_BYTES);
+        first.min(u64::from(u32::MAX)) as u32..end.min(u64::from(u32::MAX)) as u32
+    }
+
+    /// Records a write to `[offset, offset + len)`. Returns the transaction
+    /// to persist first, or `None` when every extent was already active.
+    pub fn note_write(&mut self, offset: u64, len: u64) -> Option<Transaction> {
+        self.clock += 1;
+        let mut missing = Vec::new();
+        for extent in ActivityLog::extents_of(offset, len) {
+            match self.active.get_mut(&extent) {
+                Some(used) => *used = self.clock,
+                None => missing.push(extent),
+            }
+        }
+        if missing.is_empty() {
+            return None;
+        }
+        let mut evicted = Vec::new();
+        for extent in missing {
+            if self.active.len() == self.capacity {
+                let (&coldest, _) = self
+                    .active
+                    .iter()
+                    .min_by_key(|(&extent, &used)| (used, extent))
+                    .expect("a full log has members");
+                self.active.remove(&coldest);
+                evicted.push(coldest);
+            }
+            self.active.insert(extent, self.clock);
+        }
+        Some(self.transaction(evicted))
+    }
+
+    /// A transaction recording the current set (used after recovery too).
+    pub fn transaction(&mut self, evicted: Vec<u32>) -> Transaction {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let extents = self.active_extents();
+        Transaction {
+            sequence,
+            disk_offset: self.region_offset + (sequence % self.slot_count) * SLOT_BYTES,
+            slot: encode_slot(sequence, &extents),
+            evicted,
+        }
+    }
+}
+
+/// What the log said at the last crash.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Recovered {
+    /// 0 when no transaction was ever written.
+    pub sequence: u64,
+    pub extents: Vec<u32>,
+    /// Slots that held something but failed their checks.
+    pub damaged_slots: usize,
+}
+
+impl Recovered {
+    /// Marks every recovered extent dirty: writes may have reached this disk
+    /// (and not the peer's, or the reverse) anywhere inside them.
+    pub fn mark_dirty(&self, bitmap: &mut DirtyBitmap) {
+        for &extent in &self.extents {
+            bitmap.mark(u64::from(extent) * EXTENT_BYTES, EXTENT_BYTES);
+        }
+    }
+}
+
+/// Reads every slot and returns the newest valid transaction's set.
+pub fn recover(dev: &impl MetaDevice, layout: &Layout) -> Result<Recovered, Error> {
+    let mut best = Recovered::default();
+    let mut buf = vec![0u8; SLOT_BYTES as usize];
+    for slot in 0..layout.al_size / SLOT_BYTES {
+        dev.read_bytes_at(&mut buf, layout.al_offset + slot * SLOT_BYTES)
+            .map_err(|source| Error::Io {
+                what: "reading the activity log",
+                source,
+            })?;
+        match decode_slot(&buf) {
+            Ok(None) => {}
+            Ok(Some((sequence, extents))) if sequence % (layout.al_size / SLOT_BYTES) == slot => {
+                if sequence > best.sequence {
+                    best.sequence = sequence;
+                    best.extents = extents;
+                }
+            }
+            Ok(Some(_)) | Err(_) => best.damaged_slots += 1,
+        }
+    }
+    Ok(best)
+}
+
+pub fn encode_slot(sequence: u64, extents: &[u32]) -> Vec<u8> {
+    assert!(extents.len() <= EXTENTS_MAX, "the log never holds more");
+    let mut slot = vec![0u8; SLOT_BYTES as usize];
+    slot[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    slot[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    slot[8..16].copy_from_slice(&sequence.to_le_bytes());
+    slot[16..20].copy_from_slice(&(extents.len() as u32).to_le_bytes());
+    for (chunk, extent) in slot[HEADER_BYTES..].chunks_exact_mut(4).zip(extents) {
+        chunk.copy_from_slice(&extent.to_le_bytes());
+    }
+    let crc = slot_crc(&slot);
+    slot[20..24].copy_from_slice(&crc.to_le_bytes());
+    slot
+}
+
+fn slot_crc(slot: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&slot[..20]), &slot[HEADER_BYTES..])
+}
+
+/// `Ok(None)` for a never-written slot; `Ok(Some((sequence, extents)))`.
+pub fn decode_slot(slot: &[u8]) -> Result<Option<(u64, Vec<u32>)>, &'static str> {
+    if slot.len() != SLOT_BYTES as usize {
+        return Err("wrong slot size");
+    }
+    if slot.iter().all(|&b| b == 0) {
+        return Ok(None);
+    }
+    if slot[0..4] != MAGIC.to_le_bytes() {
+        return Err("bad magic");
+    }
+    if slot[4..6] != VERSION.to_le_bytes() || slot[6..8] != [0, 0] {
+        return Err("unsupported version");
+    }
+    if slot[20..24] != slot_crc(slot).to_le_bytes() {
+        return Err("checksum mismatch");
+    }
+    let count = u32::from_le_bytes(slot[16..20].try_into().unwrap()) as usize;
+    if count > EXTENTS_MAX {
+        return Err("too many extents");
+    }
+    let sequence = u64::from_le_bytes(slot[8..16].try_into().unwrap());
+    let extents = slot[HEADER_BYTES..HEADER_BYTES + count * 4]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    Ok(Some((sequence, extents)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::GRANULARITY_DEFAULT_BYTES;
+    use proptest::prelude::*;
+
+    fn layout() -> Layout {
+        Layout::for_disk(2 << 30, GRANULARITY_DEFAULT_BYTES).unwrap()
+    }
+
+    fn persist(dev: &std::fs::File, t: &Transaction) {
+        dev.write_bytes_at(&t.slot, t.disk_offset).unwrap();
+    }
+
+    #[test]
+    fn hot_extents_cost_one_transaction() {
+        let mut log = ActivityLog::new(&layout(), EXTENTS_MIN, 0);
+        let t = log.note_write(0, 4096).expect("first write to extent 0");
+        assert_eq!((t.sequence, t.evicted.len()), (1, 0));
+        assert!(
+            log.note_write(100, 4096).is_none(),
+            "extent 0 is already active"
+        );
+        let t = log
+            .note_write(EXTENT_BYTES - 1, 2)
+            .expect("extent 1 is new");
+        assert_eq!(decode_slot(&t.slot).unwrap(), Some((2, vec![0, 1])));
+    }
+
+    #[test]
+    fn the_coldest_extent_is_evicted_and_reported() {
+        let mut log = ActivityLog::new(&layout(), EXTENTS_MIN, 0);
+        for extent in 0..EXTENTS_MIN as u64 {
+            log.note_write(extent * EXTENT_BYTES, 1);
+        }
+        log.note_write(0, 1); // extent 0 is now the hottest, extent 1 the coldest
+        let t = log.note_write(100 * EXTENT_BYTES, 1).unwrap();
+        assert_eq!(t.evicted, vec![1]);
+        assert!(log.active_extents().contains(&0) && log.active_extents().contains(&100));
+    }
+
+    #[test]
+    fn recovery_takes_the_newest_intact_transaction() {
+        let layout = layout();
+        let dev = tempfile::tempfile().unwrap();
+        dev.set_len(2 << 30).unwrap();
+        assert_eq!(recover(&dev, &layout).unwrap(), Recovered::default());
+        let mut log = ActivityLog::new(&layout, EXTENTS_MIN, 0);
+        let mut last = None;
+        for i in 0..300u64 {
+            // Wrap the ring (112 slots) more than twice.
+            if let Some(t) = log.note_write(i * EXTENT_BYTES, 1) {
+                persist(&dev, &t);
+                last = Some(t);
+            }
+        }
+        let last = last.unwrap();
+        let recovered = recover(&dev, &layout).unwrap();
+        assert_eq!(recovered.sequence, last.sequence);
+        assert_eq!(recovered.extents, log.active_extents());
+        // Tear the newest slot: the one before it is in force.
+        dev.write_bytes_at(&[0xFF; 16], last.disk_offset + 40)
+            .unwrap();
+        let recovered = recover(&dev, &layout).unwrap();
+        assert_eq!(
+            (recovered.sequence, recovered.damaged_slots),
+            (last.sequence - 1, 1)
+        );
+        // Its extents cover everything but the newest one.
+        let mut bitmap = DirtyBitmap::for_layout(&layout);
+        recovered.mark_dirty(&mut bitmap);
+        assert_eq!(
+            bitmap.dirty_bytes(),
+            recovered.extents.len() as u64 * EXTENT_BYTES
+        );
+        assert_eq!(recovered.extents.len(), EXTENTS_MIN);
+    }
+
+    proptest! {
+        #[test]
+        fn slot_round_trip(sequence: u64, extents in proptest::collection::vec(any::<u32>(), 0..EXTENTS_MAX)) {
+            prop_assert_eq!(decode_slot(&encode_slot(sequence, &extents)), Ok(Some((sequence, extents))));
+        }
+
+        #[test]
+        fn arbitrary_slots_never_panic(bytes in proptest::collection::vec(any::<u8>(), 4096)) {
+            let _ = decode_slot(&bytes);
+        }
+
+        #[test]
+        fn the_set_never_exceeds_its_capacity(
+            writes in proptest::collection::vec((0u64..(64 << 30), 1u64..(32 << 20)), 1..200),
+            capacity in EXTENTS_MIN..64,
+        ) {
+            let mut log = ActivityLog::new(&layout(), capacity, 0);
+            for (offset, len) in writes {
+                log.note_write(offset, len);
+                let active = log.active_extents();
+                prop_assert!(active.len() <= capacity);
+                for extent in ActivityLog::extents_of(offset, len) {
+                    prop_assert!(active.contains(&extent), "a write's own extents are active");
+                }
+            }
+        }
+    }
+}
