@@ -9,6 +9,8 @@ use blkmirror_config::Config;
 use blkmirror_engine::control::{self, Request, Response};
 use blkmirror_engine::volume::{flag_names, GenerationsView};
 use blkmirror_engine::{DiskState, VolumeStatus};
+use blkmirror_metadata::activity_log;
+use blkmirror_metadata::bitmap::DirtyBitmap;
 use blkmirror_metadata::{self as metadata, slots, CreateOptions};
 use serde_json::json;
 
@@ -120,6 +122,8 @@ pub fn dump_md(target: &Target, json: bool) -> anyhow::Result<()> {
         metadata::open(&file, disk_size).with_context(|| format!("dump-md on disk {disk}"))?;
     let sb = loaded.superblock;
     let generations = GenerationsView::from(&sb.generations);
+    let (bitmap, damaged_pages) = DirtyBitmap::load(&file, &sb.layout)?;
+    let log = activity_log::recover(&file, &sb.layout)?;
     let doc = json!({
         "disk": disk,
         "disk_size": disk_size,
@@ -138,6 +142,13 @@ pub fn dump_md(target: &Target, json: bool) -> anyhow::Result<()> {
         "disk_state": DiskState::from_flags(sb.flags),
         "generations": generations,
         "created_unix_s": sb.created_unix_s,
+        "out_of_sync_bytes": bitmap.dirty_bytes(),
+        "bitmap_damaged_pages": damaged_pages.len(),
+        "activity_log": {
+            "sequence": log.sequence,
+            "extents": log.extents.len(),
+            "damaged_slots": log.damaged_slots,
+        },
         "slots": slot_states,
     });
     if json {
@@ -200,7 +211,7 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
 
 pub fn render_status(s: &VolumeStatus) -> String {
     format!(
-        "{} on {}: role {:?}, disk {:?}\n  data {} bytes on {} ({}{})\n  volume {}, generation {} (bitmap {})\n  NBD clients attached: {}\n",
+        "{} on {}: role {:?}, disk {:?}\n  data {} bytes on {} ({}{})\n  volume {}, generation {} (bitmap {})\n  out of sync: {} bytes\n  NBD clients attached: {}\n",
         s.resource,
         s.node,
         s.role,
@@ -212,6 +223,7 @@ pub fn render_status(s: &VolumeStatus) -> String {
         s.volume_uuid,
         s.generations.current,
         s.generations.bitmap,
+        s.out_of_sync_bytes,
         s.nbd_clients,
     )
 }

@@ -5,6 +5,7 @@
 pub mod control;
 pub mod frontend;
 pub mod node;
+pub mod tracking;
 pub mod volume;
 
 pub use volume::{DiskState, Role, Volume, VolumeStatus};

@@ -39,7 +39,7 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
         }
     };
     // Only now, with every socket bound, does the node mark its disk as in use.
-    volume.start()?;
+    volume.start().await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let nbd_task = tokio::spawn(blkmirror_nbd::accept_loop(
         nbd_listener,

@@ -10,6 +10,7 @@ use blkmirror_metadata::{self as metadata, fresh_generation, Flags, Generations,
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::tracking::ChangeTracker;
 use crate::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +55,8 @@ pub struct VolumeStatus {
     pub generations: GenerationsView,
     pub flags: Vec<String>,
     pub nbd_clients: usize,
+    /// Bytes the peer lacks (marked in the dirty bitmap).
+    pub out_of_sync_bytes: u64,
     pub io_engine: String,
     pub direct_io: bool,
 }
@@ -100,6 +103,7 @@ pub struct Volume {
     data_offset: u64,
     data_size: u64,
     state: Mutex<State>,
+    tracker: ChangeTracker,
 }
 
 impl Volume {
@@ -135,6 +139,7 @@ impl Volume {
             });
         }
         let layout = superblock.layout;
+        let tracker = ChangeTracker::open(&meta, &layout, &disk)?;
         tracing::info!(
             disk,
             data_offset = layout.data_offset,
@@ -156,12 +161,23 @@ impl Volume {
                 superblock,
                 clients: 0,
             }),
+            tracker,
         }))
     }
 
     /// Records that the node is running: a crash from here on is detectable
     /// because the clean-shutdown flag is gone.
-    pub fn start(&self) -> Result<(), Error> {
+    pub async fn start(&self) -> Result<(), Error> {
+        let crashed = !self
+            .state
+            .lock()
+            .unwrap()
+            .superblock
+            .flags
+            .contains(Flags::CLEAN_SHUTDOWN);
+        if crashed {
+            self.tracker.recover_after_crash(&self.store).await?;
+        }
         let mut state = self.state.lock().unwrap();
         self.persist(&mut state, |sb| {
             // Coming up after being primary without a clean shutdown is a crash.
@@ -262,6 +278,7 @@ impl Volume {
 
     /// Flushes the data and records a clean shutdown.
     pub async fn shutdown(&self) -> Result<(), Error> {
+        self.tracker.flush(&self.store).await?;
         self.store.flush().await?;
         let mut state = self.state.lock().unwrap();
         state.role = Role::Secondary;
@@ -286,6 +303,7 @@ impl Volume {
             generations: (&sb.generations).into(),
             flags: flag_names(sb.flags),
             nbd_clients: state.clients,
+            out_of_sync_bytes: self.tracker.out_of_sync_bytes(),
             io_engine: self.store.engine().name().to_string(),
             direct_io: self.store.file().uses_direct_io(),
         }
@@ -336,6 +354,10 @@ impl Volume {
 
     pub async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), Error> {
         let at = self.disk_offset(offset, data.len() as u64)?;
+        // No peer is connected yet: every write is one it lacks.
+        self.tracker
+            .before_write(&self.store, offset, data.len() as u64, true)
+            .await?;
         self.store.write(at, data, fua).await?;
         Ok(())
     }
@@ -351,6 +373,9 @@ impl Volume {
     /// replicas stay byte-identical whatever the device does with discards.
     pub async fn zero(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<(), Error> {
         let at = self.disk_offset(offset, len)?;
+        self.tracker
+            .before_write(&self.store, offset, len, true)
+            .await?;
         self.store.zero_range(at, len, unmap).await?;
         if fua {
             self.store.flush().await?;

@@ -261,27 +261,33 @@ impl DirtyBitmap {
         Ok((bitmap, damaged))
     }
 
+    /// Encodes every page changed since the last call, as `(disk offset,
+    /// page)`, and counts them as written: the caller must persist them.
+    pub fn take_unflushed(&mut self, layout: &Layout) -> Vec<(u64, Vec<u8>)> {
+        let mut pages = Vec::new();
+        for index in 0..self.pages.len() {
+            if std::mem::take(&mut self.unflushed[index]) {
+                let page = encode_page(self.pages[index].as_deref(), index as u64);
+                pages.push((page_offset(layout, index), page));
+            }
+        }
+        pages
+    }
+
     /// Writes every page changed since the last flush, then syncs.
     pub fn flush(&mut self, dev: &impl MetaDevice, layout: &Layout) -> Result<usize, Error> {
         let io = |source| Error::Io {
             what: "writing the dirty bitmap",
             source,
         };
-        let mut written = 0;
-        for index in 0..self.pages.len() {
-            if !self.unflushed[index] {
-                continue;
-            }
-            let page = encode_page(self.pages[index].as_deref(), index as u64);
-            dev.write_bytes_at(&page, page_offset(layout, index))
-                .map_err(io)?;
-            written += 1;
+        let pages = self.take_unflushed(layout);
+        for (disk_offset, page) in &pages {
+            dev.write_bytes_at(page, *disk_offset).map_err(io)?;
         }
-        if written > 0 {
+        if !pages.is_empty() {
             dev.sync_data().map_err(io)?;
-            self.unflushed.iter_mut().for_each(|u| *u = false);
         }
-        Ok(written)
+        Ok(pages.len())
     }
 
     /// How many pages wait to be written.

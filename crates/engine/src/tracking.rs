@@ -1,0 +1,137 @@
+//! Change tracking for a volume: the dirty bitmap of what the peer lacks,
+//! and the activity log that keeps it crash-safe without writing bitmap
+//! pages on every write.
+//!
+//! Order on the write path: (1) if the write touches an extent outside the
+//! activity log, persist a log transaction naming it (flushing the bitmap
+//! first when that evicts an extent); (2) mark the bitmap in memory; (3)
+//! issue the data write. After a crash, every extent of the last log
+//! transaction is marked dirty, which covers every write that was in flight.
+
+use std::fs::File;
+
+use blkmirror_io::{AlignedBuf, Store};
+use blkmirror_metadata::activity_log::{self, ActivityLog, Recovered};
+use blkmirror_metadata::bitmap::DirtyBitmap;
+use blkmirror_metadata::Layout;
+
+use crate::Error;
+
+/// Extents the activity log keeps hot: after a crash at most this many
+/// times 4 MiB is resynced.
+pub const AL_EXTENTS_DEFAULT: usize = activity_log::EXTENTS_MAX;
+
+pub struct ChangeTracker {
+    layout: Layout,
+    disk: String,
+    bitmap: std::sync::Mutex<DirtyBitmap>,
+    /// Held across the log write, so a second write to a newly added extent
+    /// waits until the transaction naming it is durable.
+    log: tokio::sync::Mutex<ActivityLog>,
+    recovered: Recovered,
+}
+
+impl ChangeTracker {
+    /// Loads the on-disk bitmap and the activity log's last transaction.
+    pub fn open(meta: &File, layout: &Layout, disk: &str) -> Result<ChangeTracker, Error> {
+        let disk_err = |source| Error::Disk {
+            disk: disk.to_string(),
+            source,
+        };
+        let (bitmap, damaged) = DirtyBitmap::load(meta, layout).map_err(disk_err)?;
+        for page in &damaged {
+            tracing::warn!(
+                disk,
+                page = page.index,
+                reason = page.reason,
+                "damaged bitmap page: its whole range counts as out of sync"
+            );
+        }
+        let recovered = activity_log::recover(meta, layout).map_err(disk_err)?;
+        if recovered.damaged_slots > 0 {
+            tracing::warn!(
+                disk,
+                slots = recovered.damaged_slots,
+                "damaged activity-log slots ignored (torn writes?)"
+            );
+        }
+        Ok(ChangeTracker {
+            layout: *layout,
+            disk: disk.to_string(),
+            bitmap: std::sync::Mutex::new(bitmap),
+            log: tokio::sync::Mutex::new(ActivityLog::new(
+                layout,
+                AL_EXTENTS_DEFAULT,
+                recovered.sequence,
+            )),
+            recovered,
+        })
+    }
+
+    /// After a crash: everything the last log transaction named may differ
+    /// from the peer. Marked dirty and written out before any new transaction
+    /// can drop those extents from the log.
+    pub async fn recover_after_crash(&self, store: &Store) -> Result<u64, Error> {
+        let before = self.out_of_sync_bytes();
+        {
+            let mut bitmap = self.bitmap.lock().unwrap();
+            self.recovered.mark_dirty(&mut bitmap);
+        }
+        self.flush(store).await?;
+        let added = self.out_of_sync_bytes() - before;
+        tracing::warn!(
+            disk = self.disk,
+            extents = self.recovered.extents.len(),
+            added_bytes = added,
+            "crash recovery: the activity log's extents are marked out of sync"
+        );
+        Ok(added)
+    }
+
+    /// Runs before a data write to `[offset, offset + len)` of the data area.
+    /// `peer_missing`: the peer will not get this write, so mark it dirty.
+    pub async fn before_write(
+        &self,
+        store: &Store,
+        offset: u64,
+        len: u64,
+        peer_missing: bool,
+    ) -> Result<(), Error> {
+        let mut log = self.log.lock().await;
+        if let Some(transaction) = log.note_write(offset, len) {
+            if !transaction.evicted.is_empty() {
+                self.flush(store).await?;
+            }
+            let slot = AlignedBuf::from_slice(&transaction.slot);
+            store.write(transaction.disk_offset, slot, true).await?;
+        }
+        drop(log);
+        if peer_missing {
+            self.bitmap.lock().unwrap().mark(offset, len);
+        }
+        Ok(())
+    }
+
+    /// Writes every changed bitmap page and makes them durable.
+    pub async fn flush(&self, store: &Store) -> Result<(), Error> {
+        let pages = self.bitmap.lock().unwrap().take_unflushed(&self.layout);
+        if pages.is_empty() {
+            return Ok(());
+        }
+        for (disk_offset, page) in pages {
+            store
+                .write(disk_offset, AlignedBuf::from_slice(&page), false)
+                .await?;
+        }
+        store.flush().await?;
+        Ok(())
+    }
+
+    pub fn out_of_sync_bytes(&self) -> u64 {
+        self.bitmap.lock().unwrap().dirty_bytes()
+    }
+
+    pub fn bitmap_memory_bytes(&self) -> usize {
+        self.bitmap.lock().unwrap().memory_bytes()
+    }
+}
