@@ -9,6 +9,7 @@ pub mod layout;
 pub mod signature;
 pub mod slots;
 pub mod superblock;
+pub mod sync_decision;
 
 use std::io;
 
