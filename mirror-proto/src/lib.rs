@@ -3,6 +3,7 @@
 //! messages they carry.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod frame;
 pub mod message;
 

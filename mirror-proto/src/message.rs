@@ -31,6 +31,7 @@ pub mod kind {
     pub const RESYNC_REQUEST: u16 = 21;
     pub const RESYNC_DATA: u16 = 22;
     pub const RESYNC_CHECKSUM: u16 = 23;
+    pub const RESYNC_DONE: u16 = 24;
     pub const PING: u16 = 30;
     pub const PONG: u16 = 31;
     pub const STATE: u16 = 40;
@@ -119,6 +120,10 @@ pub enum Message {
         len: u32,
         crc: u32,
     },
+    /// The resync is complete: the target now holds generation `current`.
+    ResyncDone {
+        current: u64,
+    },
     Ping {
         token: u64,
     },
@@ -159,6 +164,7 @@ impl Message {
             Message::ResyncRequest { .. } => kind::RESYNC_REQUEST,
             Message::ResyncData { .. } => kind::RESYNC_DATA,
             Message::ResyncChecksum { .. } => kind::RESYNC_CHECKSUM,
+            Message::ResyncDone { .. } => kind::RESYNC_DONE,
             Message::Ping { .. } => kind::PING,
             Message::Pong { .. } => kind::PONG,
             Message::State { .. } => kind::STATE,
@@ -236,9 +242,9 @@ impl Message {
                 w.extend_from_slice(&len.to_le_bytes());
                 w.extend_from_slice(&crc.to_le_bytes());
             }
-            Message::Ping { token } | Message::Pong { token } => {
-                w.extend_from_slice(&token.to_le_bytes())
-            }
+            Message::Ping { token }
+            | Message::Pong { token }
+            | Message::ResyncDone { current: token } => w.extend_from_slice(&token.to_le_bytes()),
             Message::State {
                 role,
                 disk_state,
@@ -344,6 +350,7 @@ impl Message {
                 len: r.u32()?,
                 crc: r.u32()?,
             },
+            kind::RESYNC_DONE => Message::ResyncDone { current: r.u64()? },
             kind::PING => Message::Ping { token: r.u64()? },
             kind::PONG => Message::Pong { token: r.u64()? },
             kind::STATE => Message::State {
@@ -497,6 +504,7 @@ mod tests {
             (any::<u64>(), bytes()).prop_map(|(offset, data)| Message::ResyncData { offset, data }),
             (any::<u64>(), any::<u32>(), any::<u32>())
                 .prop_map(|(offset, len, crc)| Message::ResyncChecksum { offset, len, crc }),
+            any::<u64>().prop_map(|current| Message::ResyncDone { current }),
             any::<u64>().prop_map(|token| Message::Ping { token }),
             any::<u64>().prop_map(|token| Message::Pong { token }),
             (any::<u8>(), any::<u8>(), any::<u32>()).prop_map(|(role, disk_state, flags)| {

@@ -110,7 +110,14 @@ pub struct Config {
     pub name: String,
     pub protocol: Protocol,
     pub nodes: BTreeMap<String, NodeConfig>,
+    /// Shared secret both nodes prove they hold (HMAC-SHA256 challenge).
+    pub secret: Option<String>,
+    /// A peer silent for this long is declared dead.
+    pub timeout: std::time::Duration,
 }
+
+/// Peer timeout when the config does not set one (CLUSTERPRO: 30 s, DRBD: 10.5 s).
+pub const TIMEOUT_DEFAULT_S: f64 = 6.0;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +126,9 @@ struct RawConfig {
     #[serde(default = "default_protocol")]
     protocol: Protocol,
     nodes: BTreeMap<String, RawNode>,
+    secret: Option<String>,
+    /// Seconds.
+    timeout: Option<f64>,
 }
 
 fn default_protocol() -> Protocol {
@@ -211,6 +221,19 @@ impl Config {
                 },
             );
         }
+        if raw.secret.as_deref() == Some("") {
+            return Err(invalid(
+                "secret",
+                "must not be empty (leave it out to disable authentication)".into(),
+            ));
+        }
+        let timeout_s = raw.timeout.unwrap_or(TIMEOUT_DEFAULT_S);
+        if !(0.5..=600.0).contains(&timeout_s) {
+            return Err(invalid(
+                "timeout",
+                format!("{timeout_s} s is outside 0.5 to 600 s"),
+            ));
+        }
         let link_counts: Vec<usize> = nodes.values().map(|n| n.links.len()).collect();
         if link_counts[0] != link_counts[1] {
             return Err(invalid(
@@ -224,6 +247,8 @@ impl Config {
             name: raw.name,
             protocol: raw.protocol,
             nodes,
+            secret: raw.secret,
+            timeout: std::time::Duration::from_secs_f64(timeout_s),
         })
     }
 
@@ -326,6 +351,23 @@ control = "/tmp/b.ctl"
             "\"127.0.0.1:7811\", \"127.0.0.1:7821\"",
         ));
         assert!(e.contains("1 or 2"), "{e}");
+    }
+
+    #[test]
+    fn secret_and_timeout() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!((c.secret.as_deref(), c.timeout.as_secs()), (None, 6));
+        let c = parse(&GOOD.replace(
+            "name = \"r0\"",
+            "name = \"r0\"\nsecret = \"s3\"\ntimeout = 2.5",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.secret.as_deref(), c.timeout.as_millis()),
+            (Some("s3"), 2500)
+        );
+        let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r0\"\ntimeout = 0"));
+        assert!(e.contains("key `timeout`"), "{e}");
     }
 
     #[test]
