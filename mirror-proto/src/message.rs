@@ -17,6 +17,10 @@ pub const BITMAP_CHUNK_MAX_BYTES: usize = 64 * 1024;
 pub const WRITE_FLAG_FUA: u32 = 1 << 0;
 /// The write must be preceded by a flush of everything before it.
 pub const WRITE_FLAG_PREFLUSH: u32 = 1 << 1;
+/// Zero the range instead: `data` holds its length (u64, little-endian).
+pub const WRITE_FLAG_ZERO: u32 = 1 << 2;
+/// With WRITE_FLAG_ZERO: the space may be deallocated.
+pub const WRITE_FLAG_UNMAP: u32 = 1 << 3;
 
 /// Message kinds (the frame header's `kind`).
 pub mod kind {

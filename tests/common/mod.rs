@@ -37,6 +37,12 @@ pub fn skip(reason: &str) {
     let _ = writeln!(std::io::stderr().lock(), "skipped: {reason}");
 }
 
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
 /// A two-node resource in a temporary directory; NBD over Unix sockets.
 pub struct Resource {
     pub dir: tempfile::TempDir,
@@ -54,8 +60,9 @@ impl Resource {
             .tempdir()
             .unwrap();
         let d = dir.path();
-        let mut text = format!("name = \"{RESOURCE}\"\nprotocol = \"C\"\n");
-        for (node, port) in [("alpha", 7801), ("beta", 7802)] {
+        let mut text = format!("name = \"{RESOURCE}\"\nprotocol = \"C\"\ntimeout = 2\n");
+        // Link ports of their own, so tests running side by side never meet.
+        for (node, port) in [("alpha", free_port()), ("beta", free_port())] {
             text.push_str(&format!(
                 "[nodes.{node}]\ndisk = \"{d}/{node}.img\"\nlinks = [\"127.0.0.1:{port}\"]\n\
                  control = \"{d}/{node}.ctl\"\nnbd = \"{}\"\n",

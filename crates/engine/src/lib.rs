@@ -4,7 +4,9 @@
 
 pub mod control;
 pub mod frontend;
+pub mod gate;
 pub mod node;
+pub mod peer;
 pub mod tracking;
 pub mod volume;
 
@@ -40,6 +42,8 @@ pub enum Error {
          you know this node holds the data to keep (it becomes the new generation)"
     )]
     NotUpToDate { disk_state: volume::DiskState },
+    #[error("Refusing to promote: the peer {0} is primary, and two primaries are never allowed while connected")]
+    PeerIsPrimary(String),
     #[error("Refusing to demote: {0} NBD client(s) still attached; disconnect them first")]
     ClientsAttached(usize),
     #[error("Range of {len} bytes at {offset} is outside the volume of {size} bytes")]

@@ -13,7 +13,8 @@ use tokio::sync::watch;
 
 use crate::control::{self, Request, Response};
 use crate::frontend::NbdExport;
-use crate::volume::Volume;
+use crate::peer::{self, Peer};
+use crate::volume::{Role, Volume};
 use crate::Error;
 
 /// Runs `node` of `config` in the foreground until it is told to stop.
@@ -41,6 +42,7 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     // Only now, with every socket bound, does the node mark its disk as in use.
     volume.start().await?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let peer = peer::spawn(config, node, volume.clone(), stop_rx.clone());
     let nbd_task = tokio::spawn(blkmirror_nbd::accept_loop(
         nbd_listener,
         Arc::new(NbdExport(volume.clone())),
@@ -63,7 +65,7 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
             _ = sigint.recv() => { tracing::info!("SIGINT: going down"); break; }
             accepted = control_listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                if handle_control(stream, &volume).await {
+                if handle_control(stream, &volume, &peer).await {
                     break;
                 }
             }
@@ -78,7 +80,7 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
 }
 
 /// Serves one control request. Returns true when the node must go down.
-async fn handle_control(stream: UnixStream, volume: &Arc<Volume>) -> bool {
+async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Peer>) -> bool {
     let mut stream = BufReader::new(stream);
     let request = match control::read_request(&mut stream).await {
         Ok(r) => r,
@@ -89,9 +91,25 @@ async fn handle_control(stream: UnixStream, volume: &Arc<Volume>) -> bool {
     };
     tracing::debug!(?request, "control request");
     let (response, down) = match request {
-        Request::Status => (Response::Status(Box::new(volume.status())), false),
-        Request::Primary { force } => (to_response(volume.promote(force)), false),
-        Request::Secondary => (to_response(volume.demote().await), false),
+        Request::Status => {
+            let mut status = volume.status();
+            status.peer = Some(peer.status());
+            (Response::Status(Box::new(status)), false)
+        }
+        Request::Primary { force } => {
+            let result = if peer.status().peer_role == Some(Role::Primary) {
+                Err(Error::PeerIsPrimary(peer.status().peer_node))
+            } else {
+                volume.promote(force)
+            };
+            volume.announce_role().await;
+            (to_response(result), false)
+        }
+        Request::Secondary => {
+            let result = volume.demote().await;
+            volume.announce_role().await;
+            (to_response(result), false)
+        }
         Request::Down => (Response::Ok, true),
     };
     let _ = control::write_response(&mut stream, &response).await;

@@ -127,6 +127,29 @@ impl ChangeTracker {
         Ok(())
     }
 
+    /// Marks a range the peer lacks (a write it never confirmed).
+    pub fn mark(&self, offset: u64, len: u64) {
+        self.bitmap.lock().unwrap().mark(offset, len);
+    }
+
+    /// Marks a range the peer now has (resync confirmed it).
+    pub fn clear(&self, offset: u64, len: u64) {
+        self.bitmap.lock().unwrap().clear(offset, len);
+    }
+
+    pub fn mark_all(&self) {
+        self.mark(0, self.layout.data_size);
+    }
+
+    pub fn clear_all(&self) {
+        self.clear(0, self.layout.data_size);
+    }
+
+    /// The out-of-sync ranges now, as `(offset, len)`.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        self.bitmap.lock().unwrap().runs().collect()
+    }
+
     pub fn out_of_sync_bytes(&self) -> u64 {
         self.bitmap.lock().unwrap().dirty_bytes()
     }

@@ -10,6 +10,10 @@ use blkmirror_metadata::{self as metadata, fresh_generation, Flags, Generations,
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use blkmirror_proto::message::{WRITE_FLAG_UNMAP, WRITE_FLAG_ZERO};
+
+use crate::gate::{RangeGate, RangeGuard};
+use crate::peer::{self, LinkTx, Lost};
 use crate::tracking::ChangeTracker;
 use crate::Error;
 
@@ -59,6 +63,9 @@ pub struct VolumeStatus {
     pub out_of_sync_bytes: u64,
     pub io_engine: String,
     pub direct_io: bool,
+    /// The peer connection, filled in by the running node.
+    #[serde(flatten)]
+    pub peer: Option<crate::peer::PeerStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +98,9 @@ struct State {
     superblock: Superblock,
     /// Frontend clients attached; changes only together with the role check.
     clients: usize,
+    /// A new data generation was started since the peer was last connected:
+    /// further writes without the peer need not start another.
+    generation_open: bool,
 }
 
 pub struct Volume {
@@ -104,6 +114,10 @@ pub struct Volume {
     data_size: u64,
     state: Mutex<State>,
     tracker: ChangeTracker,
+    /// Orders overlapping writes identically on both nodes.
+    gate: Arc<RangeGate>,
+    /// Where writes go to reach the peer, while it receives them.
+    link: Mutex<Option<Arc<LinkTx>>>,
 }
 
 impl Volume {
@@ -160,8 +174,11 @@ impl Volume {
                 role: Role::Secondary,
                 superblock,
                 clients: 0,
+                generation_open: false,
             }),
             tracker,
+            gate: Arc::new(RangeGate::default()),
+            link: Mutex::new(None),
         }))
     }
 
@@ -306,6 +323,7 @@ impl Volume {
             out_of_sync_bytes: self.tracker.out_of_sync_bytes(),
             io_engine: self.store.engine().name().to_string(),
             direct_io: self.store.file().uses_direct_io(),
+            peer: None,
         }
     }
 
@@ -337,6 +355,11 @@ impl Volume {
         if self.role() != Role::Primary {
             return Err(Error::NotPrimary);
         }
+        self.range(offset, len)
+    }
+
+    /// Maps a data-area range to the disk, refusing what lies outside.
+    fn range(&self, offset: u64, len: u64) -> Result<u64, Error> {
         match offset.checked_add(len) {
             Some(end) if end <= self.data_size => Ok(self.data_offset + offset),
             _ => Err(Error::OutOfRange {
@@ -353,12 +376,57 @@ impl Volume {
     }
 
     pub async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), Error> {
-        let at = self.disk_offset(offset, data.len() as u64)?;
-        // No peer is connected yet: every write is one it lacks.
+        let len = data.len() as u64;
+        let at = self.disk_offset(offset, len)?;
+        let link = self.prepare_write(offset, len).await?;
+        let _guard = self.gate.enter(offset, len).await;
+        let Some(link) = link else {
+            self.store.write(at, data, fua).await?;
+            return Ok(());
+        };
+        // Local disk and peer in parallel; protocol C: both must confirm.
+        let copy = data.to_vec();
+        let remote = link.request(move |seq| blkmirror_proto::Message::Write {
+            seq,
+            offset,
+            flags: peer::fua_flag(fua),
+            data: copy,
+        });
+        let (local, remote) = tokio::join!(self.store.write(at, data, fua), remote);
+        local?;
+        self.peer_result(offset, len, remote)
+    }
+
+    /// Before a write: picks the link (if the peer receives writes now),
+    /// starts a new generation if it does not, and records the write in the
+    /// activity log (and, without the peer, in the bitmap).
+    async fn prepare_write(&self, offset: u64, len: u64) -> Result<Option<Arc<LinkTx>>, Error> {
+        let link = self.link.lock().unwrap().clone();
+        if link.is_none() {
+            self.open_generation()?;
+        }
         self.tracker
-            .before_write(&self.store, offset, data.len() as u64, true)
+            .before_write(&self.store, offset, len, link.is_none())
             .await?;
-        self.store.write(at, data, fua).await?;
+        Ok(link)
+    }
+
+    /// Accounts for the peer's answer to a write: a failure or a lost link
+    /// leaves the range marked for resync before the client hears success.
+    fn peer_result(&self, offset: u64, len: u64, remote: Result<u32, Lost>) -> Result<(), Error> {
+        match remote {
+            Ok(0) => return Ok(()),
+            Ok(errno) => {
+                tracing::warn!(offset, errno, "the peer failed a write; marked for resync")
+            }
+            Err(Lost) => tracing::debug!(
+                offset,
+                "the peer went away with a write in flight; marked for resync"
+            ),
+        }
+        self.set_link(None);
+        self.open_generation()?;
+        self.tracker.mark(offset, len);
         Ok(())
     }
 
@@ -366,6 +434,217 @@ impl Volume {
         if self.role() != Role::Primary {
             return Err(Error::NotPrimary);
         }
+        let link = self.link.lock().unwrap().clone();
+        let Some(link) = link else {
+            return Ok(self.store.flush().await?);
+        };
+        // Every write acknowledged before this flush is on both disks; make
+        // both durable.
+        let remote = link.request(|epoch| blkmirror_proto::Message::Barrier { epoch });
+        let (local, remote) = tokio::join!(self.store.flush(), remote);
+        local?;
+        match remote {
+            Ok(0) => Ok(()),
+            _ => {
+                // The peer may not have made them durable: resync all it has.
+                tracing::warn!("the peer did not confirm a flush; everything is marked for resync");
+                self.set_link(None);
+                self.open_generation()?;
+                self.tracker.mark_all();
+                Ok(())
+            }
+        }
+    }
+
+    // ---- replication: what the peer connection needs from the volume ----
+
+    /// Tells a connected peer this node's role.
+    pub async fn announce_role(&self) {
+        let link = self.link.lock().unwrap().clone();
+        if let Some(link) = link {
+            let role = u8::from(self.role() == Role::Primary);
+            let _ = link
+                .send(&blkmirror_proto::Message::State {
+                    role,
+                    disk_state: 0,
+                    flags: 0,
+                })
+                .await;
+        }
+    }
+
+    pub fn gate(&self) -> &Arc<RangeGate> {
+        &self.gate
+    }
+
+    /// Where writes go while the peer receives them; `None` when it does not.
+    pub fn set_link(&self, link: Option<Arc<LinkTx>>) {
+        if link.is_some() {
+            self.state.lock().unwrap().generation_open = false;
+        }
+        *self.link.lock().unwrap() = link;
+    }
+
+    /// Starts a new data generation before the first write the peer will not
+    /// get, so that on reconnect the generations say who is newer.
+    fn open_generation(&self) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap();
+        if state.generation_open || state.role != Role::Primary {
+            return Ok(());
+        }
+        self.persist(&mut state, |sb| {
+            sb.generations.start_new(fresh_generation())
+        })?;
+        state.generation_open = true;
+        Ok(())
+    }
+
+    /// This node's introduction to the peer.
+    pub fn hello(&self, link_index: u8) -> blkmirror_proto::Hello {
+        let state = self.state.lock().unwrap();
+        let sb = &state.superblock;
+        blkmirror_proto::Hello {
+            volume_uuid: *sb.volume_uuid.as_bytes(),
+            node_name: self.node.clone(),
+            link_index,
+            data_size: self.data_size,
+            granularity: sb.layout.granularity,
+            generations: peer::wire_generations(&sb.generations),
+            flags: peer::hello_flags(sb.flags, self.tracker.out_of_sync_bytes() > 0),
+            session: 0,
+        }
+    }
+
+    /// A new disk joins the volume of the peer that has data.
+    pub fn adopt_volume_uuid(&self, uuid: [u8; 16]) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap();
+        tracing::info!(volume = %uuid::Uuid::from_bytes(uuid), "joining the peer's volume");
+        self.persist(&mut state, |sb| {
+            sb.volume_uuid = uuid::Uuid::from_bytes(uuid)
+        })
+    }
+
+    pub fn out_of_sync_bytes(&self) -> u64 {
+        self.tracker.out_of_sync_bytes()
+    }
+
+    pub fn dirty_runs(&self) -> Vec<(u64, u64)> {
+        self.tracker.runs()
+    }
+
+    pub fn mark_out_of_sync(&self, offset: u64, len: u64) {
+        self.tracker.mark(offset, len);
+    }
+
+    pub fn mark_all_out_of_sync(&self) {
+        self.tracker.mark_all();
+    }
+
+    pub fn mark_in_sync(&self, offset: u64, len: u64) {
+        self.tracker.clear(offset, len);
+    }
+
+    /// Connected with the same generation on both sides and nothing to copy.
+    pub async fn connected_in_sync(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// This node is about to be overwritten by the peer: until the resync
+    /// completes its data is Inconsistent, even across a crash.
+    pub async fn begin_sync_target(&self) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap();
+        self.persist(&mut state, |sb| {
+            sb.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE)
+        })
+    }
+
+    /// The resync is complete: this node holds the peer's generation.
+    pub async fn finish_sync_target(&self, current: u64) -> Result<(), Error> {
+        self.tracker.clear_all();
+        self.tracker.flush(&self.store).await?;
+        self.store.flush().await?;
+        let mut state = self.state.lock().unwrap();
+        self.persist(&mut state, |sb| {
+            let g = &mut sb.generations;
+            if g.current != current && g.current != 0 {
+                g.history = [g.current, g.history[0]];
+            }
+            g.current = current;
+            g.bitmap = 0;
+            sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
+        })?;
+        tracing::info!("resync complete: this node is UpToDate");
+        Ok(())
+    }
+
+    /// The resync is complete on the source: the bitmap base is history.
+    pub async fn finish_sync_source(&self) -> Result<u64, Error> {
+        self.tracker.flush(&self.store).await?;
+        let mut state = self.state.lock().unwrap();
+        self.persist(&mut state, |sb| {
+            let g = &mut sb.generations;
+            if g.bitmap != 0 {
+                g.history = [g.bitmap, g.history[0]];
+                g.bitmap = 0;
+            }
+        })?;
+        tracing::info!("resync complete: the peer is UpToDate");
+        Ok(state.superblock.generations.current)
+    }
+
+    /// Reads a range for resync while holding it against overlapping writes.
+    pub async fn read_for_resync(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<(RangeGuard, AlignedBuf), Error> {
+        let guard = self.gate.enter(offset, len).await;
+        let at = self.range(offset, len)?;
+        let data = self.store.read(at, len as usize).await?;
+        Ok((guard, data))
+    }
+
+    /// Applies a write that came from the peer (the caller holds its range).
+    pub async fn write_replicated(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        flags: u32,
+    ) -> Result<(), Error> {
+        let fua = flags & blkmirror_proto::message::WRITE_FLAG_FUA != 0;
+        if flags & WRITE_FLAG_ZERO != 0 {
+            let len = data
+                .get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("eight bytes")))
+                .ok_or(Error::OutOfRange {
+                    offset,
+                    len: 0,
+                    size: self.data_size,
+                })?;
+            let at = self.range(offset, len)?;
+            self.tracker
+                .before_write(&self.store, offset, len, false)
+                .await?;
+            self.store
+                .zero_range(at, len, flags & WRITE_FLAG_UNMAP != 0)
+                .await?;
+            if fua {
+                self.store.flush().await?;
+            }
+            return Ok(());
+        }
+        let len = data.len() as u64;
+        let at = self.range(offset, len)?;
+        self.tracker
+            .before_write(&self.store, offset, len, false)
+            .await?;
+        self.store
+            .write(at, AlignedBuf::from_slice(&data), fua)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn flush_local(&self) -> Result<(), Error> {
         Ok(self.store.flush().await?)
     }
 
@@ -373,13 +652,36 @@ impl Volume {
     /// replicas stay byte-identical whatever the device does with discards.
     pub async fn zero(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<(), Error> {
         let at = self.disk_offset(offset, len)?;
-        self.tracker
-            .before_write(&self.store, offset, len, true)
-            .await?;
-        self.store.zero_range(at, len, unmap).await?;
-        if fua {
-            self.store.flush().await?;
+        let link = self.prepare_write(offset, len).await?;
+        let _guard = self.gate.enter(offset, len).await;
+        let remote = async {
+            let link = link.as_ref()?;
+            let mut flags = peer::fua_flag(fua) | WRITE_FLAG_ZERO;
+            if unmap {
+                flags |= WRITE_FLAG_UNMAP;
+            }
+            Some(
+                link.request(|seq| blkmirror_proto::Message::Write {
+                    seq,
+                    offset,
+                    flags,
+                    data: len.to_le_bytes().to_vec(),
+                })
+                .await,
+            )
+        };
+        let local = async {
+            self.store.zero_range(at, len, unmap).await?;
+            if fua {
+                self.store.flush().await?;
+            }
+            Ok::<(), Error>(())
+        };
+        let (local, remote) = tokio::join!(local, remote);
+        local?;
+        match remote {
+            Some(remote) => self.peer_result(offset, len, remote),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
