@@ -247,3 +247,55 @@ pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+impl Resource {
+    /// Polls `status --json` of a node until `check` holds (at most 60 s).
+    pub fn wait_status(
+        &self,
+        node: &str,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.cli(node, &["status", "--json"]);
+            if out.status.success() {
+                let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                if check(&status) {
+                    return status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{node} never reached {what}: {status}"
+                );
+            } else {
+                assert!(
+                    Instant::now() < deadline,
+                    "{node} never reached {what}: status failed"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until a node reports replication Established.
+    pub fn wait_established(&self, node: &str) -> serde_json::Value {
+        self.wait_status(node, "Established", |s| s["replication"] == "Established")
+    }
+
+    /// The whole data area of a node's disk.
+    pub fn data_area(&self, node: &str) -> Vec<u8> {
+        let mut data = std::fs::read(self.disk(node)).unwrap();
+        data.drain(..DATA_OFFSET as usize);
+        data
+    }
+
+    /// Both data areas are byte-identical (reports the first difference).
+    pub fn assert_identical(&self) {
+        let (a, b) = (self.data_area("alpha"), self.data_area("beta"));
+        assert_eq!(a.len(), b.len());
+        if let Some(pos) = a.iter().zip(&b).position(|(x, y)| x != y) {
+            panic!("replicas differ first at data offset {pos}");
+        }
+    }
+}
