@@ -4,8 +4,8 @@ mod common;
 
 use std::process::Command;
 
-/// `demo` builds its two-node resource, writes and reads back through NBD,
-/// restarts the primary, and reports success.
+/// `demo` builds its two-node resource, mirrors writes, resyncs the
+/// difference after the secondary was away, fails over, and reports success.
 #[test]
 fn demo_runs_to_completion() {
     let out = Command::new(common::BIN).arg("demo").output().unwrap();
@@ -20,7 +20,12 @@ fn demo_runs_to_completion() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("after the restart every byte still matches"),
+        stdout.contains("beta's disk holds the same bytes as alpha's"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("resynced 4194304 bytes"), "{stdout}");
+    assert!(
+        stdout.contains("beta serves every byte alpha acknowledged"),
         "{stdout}"
     );
     assert!(stdout.contains("demo ok"), "{stdout}");

@@ -1,7 +1,7 @@
 //! `blkmirror demo`: the main job on this machine, with nothing to configure.
 //! Builds a resource of two nodes in a temporary directory, runs each node as
-//! its own process, writes and reads back through NBD, and restarts the
-//! primary to show the data survived.
+//! its own process, mirrors writes made through NBD, lets the secondary go
+//! away and catch up by differential resync, and fails over to it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,28 +15,38 @@ use crate::commands::{self, Target};
 
 const DISK_BYTES: u64 = 256 << 20;
 const WRITE_BYTES: u64 = 32 << 20;
+/// Written while the secondary is away.
+const DIFF_OFFSET: u64 = 100 << 20;
+const DIFF_BYTES: u64 = 4 << 20;
 const CHUNK_BYTES: usize = 1 << 20;
 
-fn demo_config(dir: &Path) -> String {
+fn demo_config(dir: &Path) -> anyhow::Result<String> {
     let d = dir.display();
-    format!(
+    // Link ports the system hands out now, so the demo never collides.
+    let port = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (alpha_port, beta_port) = (port()?, port()?);
+    Ok(format!(
         r#"# The demo's resource: two nodes on this machine.
 name = "demo"
 protocol = "C"
 
 [nodes.alpha]
 disk = "{d}/alpha.img"
-links = ["127.0.0.1:7801"]
+links = ["127.0.0.1:{alpha_port}"]
 control = "{d}/alpha.ctl"
 nbd = "unix:{d}/alpha.nbd"
 
 [nodes.beta]
 disk = "{d}/beta.img"
-links = ["127.0.0.1:7802"]
+links = ["127.0.0.1:{beta_port}"]
 control = "{d}/beta.ctl"
 nbd = "unix:{d}/beta.nbd"
 "#
-    )
+    ))
 }
 
 /// A node process that is killed if the demo fails half-way.
@@ -63,7 +73,7 @@ pub async fn run() -> anyhow::Result<()> {
         .prefix("blkmirror-demo-")
         .tempdir()?;
     let config_path = dir.path().join("demo.toml");
-    std::fs::write(&config_path, demo_config(dir.path()))?;
+    std::fs::write(&config_path, demo_config(dir.path())?)?;
     let config = Config::load(&config_path)?;
     let target = |node: &str| Target {
         config: config.clone(),
@@ -86,15 +96,20 @@ pub async fn run() -> anyhow::Result<()> {
         )?;
     }
 
-    step("Starting both nodes, each as its own process (they come up Secondary)");
+    step("Starting both nodes, each as its own process (they come up Secondary and connect)");
     let mut alpha_proc = start(&config_path, "alpha", dir.path())?;
-    let beta_proc = start(&config_path, "beta", dir.path())?;
+    let mut beta_proc = start(&config_path, "beta", dir.path())?;
     wait_up(&alpha, &mut alpha_proc).await?;
-    let mut beta_proc = beta_proc;
     wait_up(&beta, &mut beta_proc).await?;
 
-    step("First promotion of a new volume: `blkmirror primary --force` on alpha");
+    step("First promotion of a new volume: `blkmirror primary --force` on alpha; beta takes a full copy");
     commands::primary(&alpha, true).await?;
+    let started = Instant::now();
+    wait_replication(&beta, "Established").await?;
+    println!(
+        "    initial full copy done in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
     print!(
         "{}",
         commands::render_status(&commands::fetch_status(&alpha).await?)
@@ -108,46 +123,113 @@ pub async fn run() -> anyhow::Result<()> {
     }
 
     step(&format!(
-        "Writing {} MiB through NBD on alpha, then reading it back",
+        "Writing {} MiB through NBD on alpha (protocol C: on both disks before each ack)",
         WRITE_BYTES >> 20
     ));
     let mut client = Client::connect_unix(&nbd_path(&alpha)?, "demo").await?;
-    println!("    export size {} bytes", client.size());
     let started = Instant::now();
-    for chunk in 0..WRITE_BYTES / CHUNK_BYTES as u64 {
-        let offset = chunk * CHUNK_BYTES as u64;
-        client
-            .write(offset, &pattern(offset, CHUNK_BYTES), false)
-            .await?;
-    }
+    write_pattern(&mut client, 0, WRITE_BYTES).await?;
     client.flush().await?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "    wrote and flushed in {secs:.2} s ({:.0} MiB/s)",
         (WRITE_BYTES >> 20) as f64 / secs
     );
-    verify(&mut client).await?;
-    println!("    read back: every byte matches");
-    client.disconnect().await?;
+    verify(&mut client, 0, WRITE_BYTES).await?;
+    println!("    read back through NBD: every byte matches");
+    compare_replicas(&alpha, &beta)?;
+    println!("    beta's disk holds the same bytes as alpha's");
 
-    step("Restarting alpha: `down`, `up`, `primary` (no --force: its data is UpToDate)");
-    commands::down(&alpha).await?;
-    alpha_proc.child.wait()?;
-    let mut alpha_proc = start(&config_path, "alpha", dir.path())?;
-    wait_up(&alpha, &mut alpha_proc).await?;
-    commands::primary(&alpha, false).await?;
-    let mut client = Client::connect_unix(&nbd_path(&alpha)?, "demo").await?;
-    verify(&mut client).await?;
-    println!("    after the restart every byte still matches");
-    client.disconnect().await?;
-
-    step("Stopping both nodes");
-    commands::down(&alpha).await?;
+    step("beta goes away (`blkmirror down`); alpha keeps serving and counts what beta misses");
     commands::down(&beta).await?;
-    alpha_proc.child.wait()?;
     beta_proc.child.wait()?;
-    println!("\ndemo ok: one node served its volume over NBD, the secondary refused I/O, and the data survived a restart.");
-    println!("(Replication to the peer arrives with the replication milestone.)");
+    write_pattern(&mut client, DIFF_OFFSET, DIFF_BYTES).await?;
+    client.flush().await?;
+    let status = commands::fetch_status(&alpha).await?;
+    println!(
+        "    alpha wrote {} MiB more; out of sync: {} bytes",
+        DIFF_BYTES >> 20,
+        status.out_of_sync_bytes
+    );
+
+    step("beta comes back: a differential resync copies only the difference");
+    let mut beta_proc = start(&config_path, "beta", dir.path())?;
+    wait_up(&beta, &mut beta_proc).await?;
+    let started = Instant::now();
+    wait_replication(&alpha, "Established").await?;
+    let resync = commands::fetch_status(&alpha)
+        .await?
+        .peer
+        .map(|p| p.resync)
+        .unwrap_or_default();
+    println!(
+        "    resynced {} bytes in {:.2} s (a full copy would be {} bytes)",
+        resync.done_bytes,
+        started.elapsed().as_secs_f64(),
+        client.size()
+    );
+    client.disconnect().await?;
+    compare_replicas(&alpha, &beta)?;
+    println!("    the replicas are identical again");
+
+    step("Failover: alpha goes down; beta is promoted (its data is UpToDate, no --force)");
+    commands::down(&alpha).await?;
+    alpha_proc.child.wait()?;
+    commands::primary(&beta, false).await?;
+    let mut client = Client::connect_unix(&nbd_path(&beta)?, "demo").await?;
+    verify(&mut client, 0, WRITE_BYTES).await?;
+    verify(&mut client, DIFF_OFFSET, DIFF_BYTES).await?;
+    println!("    beta serves every byte alpha acknowledged");
+    client.disconnect().await?;
+
+    step("Stopping beta");
+    commands::down(&beta).await?;
+    beta_proc.child.wait()?;
+    println!("\ndemo ok: two nodes mirrored every write, caught up by differential resync, and failed over without losing a byte.");
+    Ok(())
+}
+
+async fn wait_replication(t: &Target, state: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(status) = commands::fetch_status(t).await {
+            if let Some(peer) = &status.peer {
+                if format!("{:?}", peer.replication) == state {
+                    return Ok(());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "node {} did not reach {state} within 60 s; see its log",
+        t.node
+    )
+}
+
+/// Compares the two data areas straight from the disk files.
+fn compare_replicas(a: &Target, b: &Target) -> anyhow::Result<()> {
+    let read = |t: &Target| -> anyhow::Result<Vec<u8>> {
+        let md = blkmirror_metadata::open(
+            &std::fs::File::open(&t.config.node(&t.node)?.disk)?,
+            DISK_BYTES,
+        )?;
+        let mut data = std::fs::read(&t.config.node(&t.node)?.disk)?;
+        data.drain(..md.superblock.layout.data_offset as usize);
+        Ok(data)
+    };
+    if read(a)? != read(b)? {
+        bail!("the replicas differ");
+    }
+    Ok(())
+}
+
+async fn write_pattern(client: &mut Client, start: u64, len: u64) -> anyhow::Result<()> {
+    for offset in (start..start + len).step_by(CHUNK_BYTES) {
+        client
+            .write(offset, &pattern(offset, CHUNK_BYTES), false)
+            .await?;
+    }
     Ok(())
 }
 
@@ -200,9 +282,8 @@ fn pattern(offset: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-async fn verify(client: &mut Client) -> anyhow::Result<()> {
-    for chunk in 0..WRITE_BYTES / CHUNK_BYTES as u64 {
-        let offset = chunk * CHUNK_BYTES as u64;
+async fn verify(client: &mut Client, start: u64, len: u64) -> anyhow::Result<()> {
+    for offset in (start..start + len).step_by(CHUNK_BYTES) {
         let data = client.read(offset, CHUNK_BYTES as u32).await?;
         if data != pattern(offset, CHUNK_BYTES) {
             bail!("data read back at {offset} differs from what was written");
