@@ -151,6 +151,16 @@ impl LinkTx {
         self.out.send(frame).await.map_err(|_| Lost)
     }
 
+    /// Sends if the queue has room, else drops the message.
+    fn try_send(&self, message: &Message) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let _ = self.out.try_send(blkmirror_proto::encode_frame(
+            message,
+            self.volume_uuid,
+            seq,
+        ));
+    }
+
     fn answer(&self, seq: u64, errno: u32) {
         if let Some(waiter) = self.pending.lock().unwrap().remove(&seq) {
             let _ = waiter.send(errno);
@@ -659,9 +669,9 @@ impl Manager {
                             .await;
                     });
                 }
-                Message::Ping { token } => {
-                    let _ = link.send(&Message::Pong { token }).await;
-                }
+                // Never block the reader on the outgoing queue: if it is full,
+                // the data in it shows the peer we are alive anyway.
+                Message::Ping { token } => link.try_send(&Message::Pong { token }),
                 Message::Pong { .. } => {}
                 Message::State { role, .. } => self.peer.set(|s| {
                     s.peer_role = Some(if role == 1 {
