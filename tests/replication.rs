@@ -226,3 +226,52 @@ fn unrelated_data_is_refused() {
     });
     assert_ne!(status["connection"], "Connected", "{status}");
 }
+
+/// Protocol C: the primary is killed with -9 in the middle of a write
+/// stream, and every write the client saw acknowledged is on the secondary
+/// (that version of its block or a newer one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_a_killed_primary() {
+    const BLOCKS: u64 = 4096; // 16 MiB of 4 KiB blocks
+    const KILL_AFTER: usize = 400;
+    let res = Resource::new();
+    let (mut alpha, _beta) = synced_pair(&res);
+    let mut client = blkmirror_nbd::Client::connect_unix(&res.nbd_socket("alpha"), RESOURCE)
+        .await
+        .unwrap();
+    let mut acked = vec![0u64; BLOCKS as usize];
+    let mut killed = false;
+    for version in 1..=100_000u64 {
+        let block = version.wrapping_mul(2_654_435_761) % BLOCKS;
+        let mut data = vec![0u8; 4096];
+        data[..8].copy_from_slice(&block.to_le_bytes());
+        data[8..16].copy_from_slice(&version.to_le_bytes());
+        match client.write(block * 4096, &data, false).await {
+            Ok(()) => acked[block as usize] = version,
+            Err(_) => break, // the primary is gone
+        }
+        if version as usize == KILL_AFTER {
+            alpha.child.kill().unwrap();
+            killed = true;
+        }
+    }
+    assert!(killed, "the stream ended before the kill");
+    alpha.child.wait().unwrap();
+    let beta = res.data_area("beta");
+    let mut checked = 0;
+    for (block, &version) in acked.iter().enumerate().filter(|(_, &v)| v > 0) {
+        let at = block * 4096;
+        let found_block = u64::from_le_bytes(beta[at..at + 8].try_into().unwrap());
+        let found = u64::from_le_bytes(beta[at + 8..at + 16].try_into().unwrap());
+        assert_eq!(
+            found_block, block as u64,
+            "block {block} holds another block's data"
+        );
+        assert!(
+            found >= version,
+            "block {block}: acknowledged version {version}, secondary has {found}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 100, "only {checked} blocks were written");
+}
