@@ -275,3 +275,35 @@ async fn acknowledged_writes_survive_a_killed_primary() {
     }
     assert!(checked > 100, "only {checked} blocks were written");
 }
+
+/// `disconnect` keeps a node StandAlone while the primary writes on;
+/// `connect` brings the link back, and `wait-sync` returns once the
+/// difference is copied. `wait-sync` gives up at its timeout otherwise.
+#[test]
+fn operator_disconnect_connect_and_wait_sync() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, _beta) = synced_pair(&res);
+    res.ok("alpha", &["disconnect"]);
+    res.wait_status("alpha", "StandAlone", |s| s["connection"] == "StandAlone");
+    qemu_io(&res, "alpha", &["write -P 0x31 2M 256k"]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let status = res.json("alpha", &["status", "--json"]);
+    assert_eq!(
+        status["connection"], "StandAlone",
+        "it stays down until `connect`: {status}"
+    );
+    assert_eq!(status["out_of_sync_bytes"], 256 << 10);
+    let out = res.cli("alpha", &["wait-sync", "--timeout", "1"]);
+    assert!(
+        !out.status.success(),
+        "wait-sync must not claim sync while disconnected"
+    );
+    res.ok("alpha", &["connect"]);
+    let said = res.ok("alpha", &["wait-sync", "--timeout", "60"]);
+    assert!(said.contains("in sync"), "{said}");
+    res.wait_established("beta");
+    res.assert_identical();
+}

@@ -192,6 +192,86 @@ pub async fn secondary(target: &Target) -> anyhow::Result<()> {
     target.call(Request::Secondary).await.map(drop)
 }
 
+pub async fn connect(target: &Target) -> anyhow::Result<()> {
+    target.call(Request::Connect).await.map(drop)
+}
+
+pub async fn disconnect(target: &Target) -> anyhow::Result<()> {
+    target.call(Request::Disconnect).await.map(drop)
+}
+
+/// Polls until replication is Established with nothing out of sync. On a
+/// terminal it draws a progress bar with rate and ETA; otherwise it prints a
+/// line every few seconds.
+pub async fn wait_sync(target: &Target, timeout_s: Option<u64>) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let started = std::time::Instant::now();
+    let deadline = timeout_s.map(|s| started + std::time::Duration::from_secs(s));
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut last_line = started;
+    loop {
+        let status = fetch_status(target).await?;
+        let peer = status
+            .peer
+            .clone()
+            .ok_or_else(|| anyhow!("the node reports no peer"))?;
+        let replication = format!("{:?}", peer.replication);
+        if replication == "Established" && status.out_of_sync_bytes == 0 {
+            if let Some(bar) = &bar {
+                bar.finish_with_message("in sync");
+            }
+            println!(
+                "{} on {}: in sync with {}",
+                status.resource, status.node, peer.peer_node
+            );
+            return Ok(());
+        }
+        if let Some(error) = peer
+            .last_error
+            .as_deref()
+            .filter(|_| peer.connection != blkmirror_engine::peer::ConnectionState::Connected)
+        {
+            if error.contains("split brain") || error.contains("unrelated") {
+                bail!("cannot sync: {error}");
+            }
+        }
+        let r = &peer.resync;
+        match &bar {
+            Some(bar) => {
+                bar.set_length(r.total_bytes);
+                bar.set_position(r.done_bytes);
+                bar.set_message(replication.clone());
+            }
+            None if last_line.elapsed() >= std::time::Duration::from_secs(5) => {
+                println!(
+                    "{replication}: {} of {} bytes, {} bytes/s, ETA {} s, out of sync {} bytes",
+                    r.done_bytes, r.total_bytes, r.bytes_per_s, r.eta_s, status.out_of_sync_bytes
+                );
+                last_line = std::time::Instant::now();
+            }
+            None => {}
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            bail!(
+                "not in sync after {} s ({replication}, {} bytes out of sync)",
+                timeout_s.unwrap_or(0),
+                status.out_of_sync_bytes
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 pub async fn fetch_status(target: &Target) -> anyhow::Result<VolumeStatus> {
     match target.call(Request::Status).await? {
         Response::Status(s) => Ok(*s),

@@ -57,6 +57,16 @@ enum Command {
     },
     /// Demote this node to secondary.
     Secondary,
+    /// Connect to the peer (again, after `disconnect`).
+    Connect,
+    /// Drop the link to the peer and stay StandAlone until `connect`.
+    Disconnect,
+    /// Wait until this node and its peer are in sync, showing progress.
+    WaitSync {
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
     /// Show this node's state.
     Status {
         #[arg(long)]
@@ -99,6 +109,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Down => commands::down(&target).await,
         Command::Primary { force } => commands::primary(&target, force).await,
         Command::Secondary => commands::secondary(&target).await,
+        Command::Connect => commands::connect(&target).await,
+        Command::Disconnect => commands::disconnect(&target).await,
+        Command::WaitSync { timeout } => commands::wait_sync(&target, timeout).await,
         Command::Status { json } => commands::status(&target, json).await,
         Command::Demo => unreachable!("handled above"),
     }

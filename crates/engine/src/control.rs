@@ -19,6 +19,8 @@ pub enum Request {
     Status,
     Primary { force: bool },
     Secondary,
+    Connect,
+    Disconnect,
     Down,
 }
 

@@ -110,6 +110,14 @@ async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Pee
             volume.announce_role().await;
             (to_response(result), false)
         }
+        Request::Connect => {
+            peer.connect();
+            (Response::Ok, false)
+        }
+        Request::Disconnect => {
+            peer.disconnect();
+            (Response::Ok, false)
+        }
         Request::Down => (Response::Ok, true),
     };
     let _ = control::write_response(&mut stream, &response).await;

@@ -178,6 +178,8 @@ pub struct Peer {
     peer_node: String,
     link_address: SocketAddr,
     state: Mutex<Shared>,
+    /// Whether the operator wants the link up (`connect` / `disconnect`).
+    wanted: watch::Sender<bool>,
 }
 
 struct Shared {
@@ -191,6 +193,16 @@ struct Shared {
 }
 
 impl Peer {
+    /// `connect`: (re)establish the link from now on.
+    pub fn connect(&self) {
+        self.wanted.send_replace(true);
+    }
+
+    /// `disconnect`: drop the link and stay StandAlone until `connect`.
+    pub fn disconnect(&self) {
+        self.wanted.send_replace(false);
+    }
+
     pub fn status(&self) -> PeerStatus {
         let s = self.state.lock().unwrap();
         PeerStatus {
@@ -249,6 +261,7 @@ pub fn spawn(
             resync: ResyncStatus::default(),
             resync_started: None,
         }),
+        wanted: watch::channel(true).0,
     });
     let manager = Manager {
         peer: peer.clone(),
@@ -296,7 +309,23 @@ impl Manager {
             }
         };
         let mut delay = RECONNECT_DELAY_MIN;
+        let mut wanted = self.peer.wanted.subscribe();
         loop {
+            if !*wanted.borrow_and_update() {
+                self.peer
+                    .set(|s| s.connection = ConnectionState::StandAlone);
+                tracing::info!(
+                    peer = self.peer_name,
+                    "disconnected by the operator; StandAlone until `connect`"
+                );
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = wanted.wait_for(|w| *w) => {}
+                }
+                self.peer
+                    .set(|s| s.connection = ConnectionState::Connecting);
+                delay = RECONNECT_DELAY_MIN;
+            }
             let attempt = async {
                 let stream = match &listener {
                     Some(l) => l.accept().await?.0,
@@ -307,6 +336,7 @@ impl Manager {
             };
             let outcome = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
+                _ = wanted.wait_for(|w| !*w) => Ok(()),
                 outcome = attempt => outcome,
             };
             self.volume.set_link(None);
@@ -333,6 +363,7 @@ impl Manager {
             });
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
+                _ = wanted.changed() => {}
                 _ = tokio::time::sleep(retry_after) => {}
             }
             delay = (delay * 2).min(RECONNECT_DELAY_MAX);
@@ -383,8 +414,10 @@ impl Manager {
             next_seq: AtomicU64::new(1),
             volume_uuid,
         });
-        let writer_task = tokio::spawn(write_frames(writer, out_rx));
-        let pinger = tokio::spawn(ping(link.clone(), self.timeout / 3));
+        // Tied to this session: gone with it, however it ends (even when the
+        // session itself is dropped by `disconnect`).
+        let _writer_task = AbortOnDrop(tokio::spawn(write_frames(writer, out_rx)));
+        let _pinger = AbortOnDrop(tokio::spawn(ping(link.clone(), self.timeout / 3)));
         self.peer.set(|s| {
             s.connection = ConnectionState::Connected;
             s.peer_role = Some(if remote.flags & Flags::PRIMARY.bits() != 0 {
@@ -399,11 +432,8 @@ impl Manager {
             s.last_error = None;
             s.resync = ResyncStatus::default();
         });
-        let result = self.connected(&mut reader, &link, decision).await;
-        link.fail_all();
-        pinger.abort();
-        writer_task.abort();
-        result
+        let _fail_waiters = FailOnDrop(link.clone());
+        self.connected(&mut reader, &link, decision).await
     }
 
     async fn authenticate(
@@ -567,15 +597,13 @@ impl Manager {
                     s.resync_started = Some(Instant::now());
                 });
                 let (done_tx, done_rx) = oneshot::channel();
-                let source = tokio::spawn(resync_source(
+                let _source = AbortOnDrop(tokio::spawn(resync_source(
                     volume.clone(),
                     link.clone(),
                     self.peer.clone(),
                     done_tx,
-                ));
-                let result = self.serve(reader, link, Some(done_rx)).await;
-                source.abort();
-                result
+                )));
+                self.serve(reader, link, Some(done_rx)).await
             }
             SyncDecision::TargetDifferential | SyncDecision::TargetFull => {
                 volume.begin_sync_target().await?;
@@ -743,6 +771,24 @@ impl Manager {
 
 /// Replicated writes being applied at once on this node.
 const APPLYING_MAX: usize = 128;
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Fails every waiter of a link when its session ends.
+struct FailOnDrop(Arc<LinkTx>);
+
+impl Drop for FailOnDrop {
+    fn drop(&mut self) {
+        self.0.fail_all();
+    }
+}
 
 /// A flag in Hello: this side's bitmap is not empty.
 pub const HELLO_FLAG_DIRTY: u32 = 1 << 31;
