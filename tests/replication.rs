@@ -42,6 +42,15 @@ fn writes_reach_both_disks() {
     let (_alpha, _beta) = synced_pair(&res);
     let alpha = res.json("alpha", &["status", "--json"]);
     let beta = res.json("beta", &["status", "--json"]);
+    let resync = &alpha["resync"];
+    assert_eq!(
+        resync["total_bytes"], DATA_BYTES,
+        "the first copy is a full one: {alpha}"
+    );
+    assert_eq!(
+        resync["zero_bytes"], DATA_BYTES,
+        "an empty volume travels as zeroing commands: {alpha}"
+    );
     assert_eq!(
         alpha["volume_uuid"], beta["volume_uuid"],
         "the new disk joined the volume"

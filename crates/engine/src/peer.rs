@@ -63,6 +63,8 @@ pub struct LinkStatus {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ResyncStatus {
     pub done_bytes: u64,
+    /// Of `done_bytes`, how much was all zeroes and went as a zeroing command.
+    pub zero_bytes: u64,
     pub total_bytes: u64,
     pub bytes_per_s: u64,
     pub eta_s: u64,
@@ -125,9 +127,12 @@ impl LinkTx {
     /// Queues a message that the peer answers by the frame's sequence number;
     /// returns the receiver of that answer. Once this returns, the message is
     /// ordered before anything queued later.
-    pub async fn enqueue(&self, message: Message) -> Result<oneshot::Receiver<u32>, Lost> {
+    pub async fn enqueue(
+        &self,
+        build: impl FnOnce(u64) -> Message,
+    ) -> Result<oneshot::Receiver<u32>, Lost> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.enqueue_seq(seq, message).await
+        self.enqueue_seq(seq, build(seq)).await
     }
 
     async fn enqueue_seq(
@@ -224,9 +229,12 @@ impl Peer {
         change(&mut self.state.lock().unwrap());
     }
 
-    fn progress(&self, done_delta: u64) {
+    fn progress(&self, done_delta: u64, zero: bool) {
         self.set(|s| {
             s.resync.done_bytes += done_delta;
+            if zero {
+                s.resync.zero_bytes += done_delta;
+            }
             if let Some(started) = s.resync_started {
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 s.resync.bytes_per_s = (s.resync.done_bytes as f64 / secs) as u64;
@@ -805,6 +813,15 @@ fn rand_u64() -> u64 {
     blkmirror_metadata::fresh_generation()
 }
 
+/// True when every byte is zero (checked eight bytes at a time).
+fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(8);
+    words
+        .by_ref()
+        .all(|w| u64::from_ne_bytes(w.try_into().expect("eight bytes")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
 /// Splits a byte range into resync chunks.
 fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
     let end = offset + len;
@@ -837,12 +854,24 @@ async fn resync_source(
                     .read_for_resync(chunk_offset, chunk_len)
                     .await
                     .map_err(|e| e.to_string())?;
-                let ack = link
-                    .enqueue(Message::ResyncData {
+                // An all-zero chunk travels as a zeroing command, not as data:
+                // a new or mostly empty disk rebuilds at little cost.
+                let zero = is_zero(&data);
+                let ack = if zero {
+                    link.enqueue(|seq| Message::Write {
+                        seq,
+                        offset: chunk_offset,
+                        flags: WRITE_FLAG_ZERO,
+                        data: chunk_len.to_le_bytes().to_vec(),
+                    })
+                    .await
+                } else {
+                    link.enqueue(|_| Message::ResyncData {
                         offset: chunk_offset,
                         data: data.to_vec(),
                     })
-                    .await;
+                    .await
+                };
                 drop(guard);
                 acks.spawn(async move {
                     let _permit = permit;
@@ -858,7 +887,7 @@ async fn resync_source(
                     }
                     .map(|()| {
                         volume.mark_in_sync(chunk_offset, chunk_len);
-                        peer.progress(chunk_len);
+                        peer.progress(chunk_len, zero);
                     })
                 });
             }
