@@ -316,3 +316,33 @@ fn operator_disconnect_connect_and_wait_sync() {
     res.wait_established("beta");
     res.assert_identical();
 }
+
+/// A full copy onto a disk that is almost right (its metadata replaced, its
+/// data a little behind) compares checksums first and sends data only for
+/// the chunks that differ.
+#[test]
+fn full_copy_onto_an_almost_identical_disk_moves_little() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, beta) = synced_pair(&res);
+    qemu_io(&res, "alpha", &["write -P 0x41 0 8M", "flush"]);
+    res.down("beta", beta);
+    qemu_io(&res, "alpha", &["write -P 0x42 1M 4k"]);
+    // The replacement: same data, new metadata, so nothing says what differs.
+    res.ok("beta", &["create-md", "--force"]);
+    let _beta = res.up("beta");
+    let status = res.wait_established("alpha");
+    res.wait_established("beta");
+    let resync = &status["resync"];
+    let chunk = 1u64 << 20;
+    assert_eq!(resync["total_bytes"], DATA_BYTES, "a full copy: {status}");
+    assert_eq!(
+        resync["same_bytes"],
+        7 * chunk,
+        "seven 1 MiB chunks already matched: {status}"
+    );
+    assert_eq!(resync["zero_bytes"], DATA_BYTES - 8 * chunk, "{status}");
+    res.assert_identical();
+}

@@ -65,6 +65,8 @@ pub struct ResyncStatus {
     pub done_bytes: u64,
     /// Of `done_bytes`, how much was all zeroes and went as a zeroing command.
     pub zero_bytes: u64,
+    /// Of `done_bytes`, how much the peer already held (checksums matched).
+    pub same_bytes: u64,
     pub total_bytes: u64,
     pub bytes_per_s: u64,
     pub eta_s: u64,
@@ -229,11 +231,13 @@ impl Peer {
         change(&mut self.state.lock().unwrap());
     }
 
-    fn progress(&self, done_delta: u64, zero: bool) {
+    fn progress(&self, done_delta: u64, kind: ChunkKind) {
         self.set(|s| {
             s.resync.done_bytes += done_delta;
-            if zero {
-                s.resync.zero_bytes += done_delta;
+            match kind {
+                ChunkKind::Zero => s.resync.zero_bytes += done_delta,
+                ChunkKind::Checksum => s.resync.same_bytes += done_delta,
+                ChunkKind::Data => {}
             }
             if let Some(started) = s.resync_started {
                 let secs = started.elapsed().as_secs_f64().max(0.001);
@@ -609,6 +613,7 @@ impl Manager {
                     volume.clone(),
                     link.clone(),
                     self.peer.clone(),
+                    decision == SyncDecision::SourceFull,
                     done_tx,
                 )));
                 self.serve(reader, link, Some(done_rx)).await
@@ -685,6 +690,26 @@ impl Manager {
                 }
                 Message::ResyncData { offset, data } => {
                     self.apply(link, &applying, seq, offset, data, 0).await?
+                }
+                Message::ResyncChecksum { offset, len, crc } => {
+                    // Compared in arrival order with writes to the same range.
+                    let ticket = self.volume.gate().register(offset, u64::from(len));
+                    let (volume, link) = (self.volume.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let _guard = ticket.wait().await;
+                        let answer = match volume.read_local(offset, u64::from(len)).await {
+                            Ok(data) if crc32c::crc32c(&data) == crc => 0,
+                            Ok(_) => CHECKSUM_DIFFERS,
+                            Err(e) => e.errno() as u32,
+                        };
+                        let _ = link
+                            .send(&Message::Ack {
+                                seq,
+                                kind: AckKind::Written,
+                                errno: answer,
+                            })
+                            .await;
+                    });
                 }
                 Message::Ack { seq, errno, .. } => link.answer(seq, errno),
                 Message::BarrierAck { epoch } => link.answer(epoch, 0),
@@ -813,6 +838,18 @@ fn rand_u64() -> u64 {
     blkmirror_metadata::fresh_generation()
 }
 
+/// How a resync chunk travelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkKind {
+    Data,
+    Zero,
+    /// Only its checksum, and it matched.
+    Checksum,
+}
+
+/// The answer to a ResyncChecksum whose chunk differs on the target.
+const CHECKSUM_DIFFERS: u32 = u32::MAX;
+
 /// True when every byte is zero (checked eight bytes at a time).
 fn is_zero(data: &[u8]) -> bool {
     let mut words = data.chunks_exact(8);
@@ -836,6 +873,7 @@ async fn resync_source(
     volume: Arc<Volume>,
     link: Arc<LinkTx>,
     peer: Arc<Peer>,
+    checksum_first: bool,
     done: oneshot::Sender<Result<(), String>>,
 ) {
     let window = Arc::new(Semaphore::new(RESYNC_WINDOW));
@@ -847,7 +885,7 @@ async fn resync_source(
                 while let Some(joined) = acks.try_join_next() {
                     joined.map_err(|e| e.to_string())??;
                 }
-                let (volume, peer) = (volume.clone(), peer.clone());
+                let (volume, peer, link) = (volume.clone(), peer.clone(), link.clone());
                 // Reading and queueing under the range gate orders this chunk
                 // before any application write to the same range.
                 let (guard, data) = volume
@@ -857,7 +895,23 @@ async fn resync_source(
                 // An all-zero chunk travels as a zeroing command, not as data:
                 // a new or mostly empty disk rebuilds at little cost.
                 let zero = is_zero(&data);
-                let ack = if zero {
+                let kind = if zero {
+                    ChunkKind::Zero
+                } else if checksum_first {
+                    ChunkKind::Checksum
+                } else {
+                    ChunkKind::Data
+                };
+                let ack = if kind == ChunkKind::Checksum {
+                    // A full copy onto a disk that may already be mostly
+                    // right: ask first, send data only where it differs.
+                    link.enqueue(|_| Message::ResyncChecksum {
+                        offset: chunk_offset,
+                        len: chunk_len as u32,
+                        crc: crc32c::crc32c(&data),
+                    })
+                    .await
+                } else if zero {
                     link.enqueue(|seq| Message::Write {
                         seq,
                         offset: chunk_offset,
@@ -875,20 +929,35 @@ async fn resync_source(
                 drop(guard);
                 acks.spawn(async move {
                     let _permit = permit;
-                    match ack {
-                        Ok(rx) => match rx.await {
-                            Ok(0) => Ok(()),
-                            Ok(errno) => Err(format!(
-                                "peer failed to write resync data at {chunk_offset}: errno {errno}"
-                            )),
-                            Err(_) => Err("link lost during resync".to_string()),
-                        },
-                        Err(Lost) => Err("link lost during resync".to_string()),
+                    let lost = || "link lost during resync".to_string();
+                    let mut answer = ack.map_err(|Lost| lost())?.await.map_err(|_| lost())?;
+                    let mut kind = kind;
+                    if kind == ChunkKind::Checksum && answer == CHECKSUM_DIFFERS {
+                        // It differs after all: send the data, read afresh
+                        // under the range gate.
+                        let (guard, data) = volume
+                            .read_for_resync(chunk_offset, chunk_len)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let rx = link
+                            .enqueue(|_| Message::ResyncData {
+                                offset: chunk_offset,
+                                data: data.to_vec(),
+                            })
+                            .await
+                            .map_err(|Lost| lost())?;
+                        drop(guard);
+                        answer = rx.await.map_err(|_| lost())?;
+                        kind = ChunkKind::Data;
                     }
-                    .map(|()| {
-                        volume.mark_in_sync(chunk_offset, chunk_len);
-                        peer.progress(chunk_len, zero);
-                    })
+                    if answer != 0 {
+                        return Err(format!(
+                            "peer failed to write resync data at {chunk_offset}: errno {answer}"
+                        ));
+                    }
+                    volume.mark_in_sync(chunk_offset, chunk_len);
+                    peer.progress(chunk_len, kind);
+                    Ok(())
                 });
             }
         }

@@ -644,6 +644,12 @@ impl Volume {
         Ok(())
     }
 
+    /// Reads a data-area range whatever the role (for resync checksums).
+    pub async fn read_local(&self, offset: u64, len: u64) -> Result<AlignedBuf, Error> {
+        let at = self.range(offset, len)?;
+        Ok(self.store.read(at, len as usize).await?)
+    }
+
     pub async fn flush_local(&self) -> Result<(), Error> {
         Ok(self.store.flush().await?)
     }
