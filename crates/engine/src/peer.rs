@@ -582,6 +582,13 @@ impl Manager {
             SyncDecision::InSync => {
                 volume.connected_in_sync().await?;
                 self.established(link);
+                if volume.out_of_sync_bytes() > 0 {
+                    // A write raced the handshake (marked before the link was
+                    // set): reconnect, and a differential resync copies it.
+                    return Err(PeerError::Wire(
+                        "writes raced the handshake; reconnecting to resync them".into(),
+                    ));
+                }
                 self.serve(reader, link, None).await
             }
             SyncDecision::SourceDifferential | SyncDecision::SourceFull => {
@@ -879,86 +886,97 @@ async fn resync_source(
     let window = Arc::new(Semaphore::new(RESYNC_WINDOW));
     let mut acks = tokio::task::JoinSet::new();
     let result: Result<(), String> = async {
-        for (offset, len) in volume.dirty_runs() {
-            for (chunk_offset, chunk_len) in chunks(offset, len) {
-                let permit = window.clone().acquire_owned().await.expect("never closed");
-                while let Some(joined) = acks.try_join_next() {
-                    joined.map_err(|e| e.to_string())??;
-                }
-                let (volume, peer, link) = (volume.clone(), peer.clone(), link.clone());
-                // Reading and queueing under the range gate orders this chunk
-                // before any application write to the same range.
-                let (guard, data) = volume
-                    .read_for_resync(chunk_offset, chunk_len)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                // An all-zero chunk travels as a zeroing command, not as data:
-                // a new or mostly empty disk rebuilds at little cost.
-                let zero = is_zero(&data);
-                let kind = if zero {
-                    ChunkKind::Zero
-                } else if checksum_first {
-                    ChunkKind::Checksum
-                } else {
-                    ChunkKind::Data
-                };
-                let ack = if kind == ChunkKind::Checksum {
-                    // A full copy onto a disk that may already be mostly
-                    // right: ask first, send data only where it differs.
-                    link.enqueue(|_| Message::ResyncChecksum {
-                        offset: chunk_offset,
-                        len: chunk_len as u32,
-                        crc: crc32c::crc32c(&data),
-                    })
-                    .await
-                } else if zero {
-                    link.enqueue(|seq| Message::Write {
-                        seq,
-                        offset: chunk_offset,
-                        flags: WRITE_FLAG_ZERO,
-                        data: chunk_len.to_le_bytes().to_vec(),
-                    })
-                    .await
-                } else {
-                    link.enqueue(|_| Message::ResyncData {
-                        offset: chunk_offset,
-                        data: data.to_vec(),
-                    })
-                    .await
-                };
-                drop(guard);
-                acks.spawn(async move {
-                    let _permit = permit;
-                    let lost = || "link lost during resync".to_string();
-                    let mut answer = ack.map_err(|Lost| lost())?.await.map_err(|_| lost())?;
-                    let mut kind = kind;
-                    if kind == ChunkKind::Checksum && answer == CHECKSUM_DIFFERS {
-                        // It differs after all: send the data, read afresh
-                        // under the range gate.
-                        let (guard, data) = volume
-                            .read_for_resync(chunk_offset, chunk_len)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        let rx = link
-                            .enqueue(|_| Message::ResyncData {
-                                offset: chunk_offset,
-                                data: data.to_vec(),
-                            })
-                            .await
-                            .map_err(|Lost| lost())?;
-                        drop(guard);
-                        answer = rx.await.map_err(|_| lost())?;
-                        kind = ChunkKind::Data;
+        // Rounds until nothing is left: a write that raced the start of the
+        // resync (marked after the first snapshot) is picked up next round.
+        loop {
+            let runs = volume.dirty_runs();
+            if runs.is_empty() {
+                break;
+            }
+            for (offset, len) in runs {
+                for (chunk_offset, chunk_len) in chunks(offset, len) {
+                    let permit = window.clone().acquire_owned().await.expect("never closed");
+                    while let Some(joined) = acks.try_join_next() {
+                        joined.map_err(|e| e.to_string())??;
                     }
-                    if answer != 0 {
-                        return Err(format!(
+                    let (volume, peer, link) = (volume.clone(), peer.clone(), link.clone());
+                    // Reading and queueing under the range gate orders this chunk
+                    // before any application write to the same range.
+                    let (guard, data) = volume
+                        .read_for_resync(chunk_offset, chunk_len)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    // An all-zero chunk travels as a zeroing command, not as data:
+                    // a new or mostly empty disk rebuilds at little cost.
+                    let zero = is_zero(&data);
+                    let kind = if zero {
+                        ChunkKind::Zero
+                    } else if checksum_first {
+                        ChunkKind::Checksum
+                    } else {
+                        ChunkKind::Data
+                    };
+                    let ack = if kind == ChunkKind::Checksum {
+                        // A full copy onto a disk that may already be mostly
+                        // right: ask first, send data only where it differs.
+                        link.enqueue(|_| Message::ResyncChecksum {
+                            offset: chunk_offset,
+                            len: chunk_len as u32,
+                            crc: crc32c::crc32c(&data),
+                        })
+                        .await
+                    } else if zero {
+                        link.enqueue(|seq| Message::Write {
+                            seq,
+                            offset: chunk_offset,
+                            flags: WRITE_FLAG_ZERO,
+                            data: chunk_len.to_le_bytes().to_vec(),
+                        })
+                        .await
+                    } else {
+                        link.enqueue(|_| Message::ResyncData {
+                            offset: chunk_offset,
+                            data: data.to_vec(),
+                        })
+                        .await
+                    };
+                    drop(guard);
+                    acks.spawn(async move {
+                        let _permit = permit;
+                        let lost = || "link lost during resync".to_string();
+                        let mut answer = ack.map_err(|Lost| lost())?.await.map_err(|_| lost())?;
+                        let mut kind = kind;
+                        if kind == ChunkKind::Checksum && answer == CHECKSUM_DIFFERS {
+                            // It differs after all: send the data, read afresh
+                            // under the range gate.
+                            let (guard, data) = volume
+                                .read_for_resync(chunk_offset, chunk_len)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            let rx = link
+                                .enqueue(|_| Message::ResyncData {
+                                    offset: chunk_offset,
+                                    data: data.to_vec(),
+                                })
+                                .await
+                                .map_err(|Lost| lost())?;
+                            drop(guard);
+                            answer = rx.await.map_err(|_| lost())?;
+                            kind = ChunkKind::Data;
+                        }
+                        if answer != 0 {
+                            return Err(format!(
                             "peer failed to write resync data at {chunk_offset}: errno {answer}"
                         ));
-                    }
-                    volume.mark_in_sync(chunk_offset, chunk_len);
-                    peer.progress(chunk_len, kind);
-                    Ok(())
-                });
+                        }
+                        volume.mark_in_sync(chunk_offset, chunk_len);
+                        peer.progress(chunk_len, kind);
+                        Ok(())
+                    });
+                }
+            }
+            while let Some(joined) = acks.join_next().await {
+                joined.map_err(|e| e.to_string())??;
             }
         }
         while let Some(joined) = acks.join_next().await {
