@@ -11,15 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn qemu_io(res: &Resource, commands: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &res.uri("alpha")]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    run(&mut cmd)
-}
-
 /// nbdsh with the system python that has the libnbd bindings.
 fn nbdsh(script: &str) -> std::process::Output {
     Command::new("nbdsh")
@@ -52,8 +43,8 @@ fn qemu_io_patterns_zeroes_discard_fua_flush() {
     }
     let res = Resource::new();
     let _alpha = res.primary("alpha");
-    qemu_io(
-        &res,
+    res.qemu_io(
+        "alpha",
         &[
             "write -P 0xab 0 1M",
             "write -P 0x77 1M 1M",
@@ -66,8 +57,8 @@ fn qemu_io_patterns_zeroes_discard_fua_flush() {
         ],
     );
     // Read back through a second client, then check the disk itself.
-    qemu_io(
-        &res,
+    res.qemu_io(
+        "alpha",
         &[
             "read -P 0xab 0 12345",
             "read -P 0x11 12345 1000",
@@ -99,8 +90,8 @@ fn qemu_io_respects_the_export_end() {
     let res = Resource::new();
     let _alpha = res.primary("alpha");
     let last = DATA_BYTES - 4096;
-    qemu_io(
-        &res,
+    res.qemu_io(
+        "alpha",
         &[
             &format!("write -P 0x5a {last} 4k"),
             &format!("read -P 0x5a {last} 4k"),
@@ -160,7 +151,7 @@ fn qemu_img_convert_and_compare() {
     );
     // compare must notice a difference, or the check above is empty.
     res.ok("alpha", &["status"]);
-    qemu_io(&res, &["write -P 0x42 5M 4k"]);
+    res.qemu_io("alpha", &["write -P 0x42 5M 4k"]);
     let out = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&src)
@@ -344,7 +335,7 @@ fn client_dying_with_requests_in_flight() {
         std::thread::sleep(Duration::from_millis(50));
     }
     if have("qemu-io") {
-        qemu_io(&res, &["write -P 0x33 0 4k", "read -P 0x33 0 4k"]);
+        res.qemu_io("alpha", &["write -P 0x33 0 4k", "read -P 0x33 0 4k"]);
     }
 }
 
@@ -568,8 +559,8 @@ fn block_device_disk() {
     let alpha = res.primary("alpha");
     let status = res.json("alpha", &["status", "--json"]);
     assert_eq!(status["data_size"], DATA_BYTES, "{status}");
-    qemu_io(
-        &res,
+    res.qemu_io(
+        "alpha",
         &[
             "write -P 0x99 0 4M",
             "discard 1M 1M",

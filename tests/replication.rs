@@ -8,15 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-fn qemu_io(res: &Resource, node: &str, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &res.uri(node)]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    run(&mut cmd);
-}
-
 /// A pair where alpha is primary and beta has taken the initial full copy.
 fn synced_pair(res: &Resource) -> (NodeProcess, NodeProcess) {
     res.ok("alpha", &["create-md"]);
@@ -59,8 +50,7 @@ fn writes_reach_both_disks() {
         alpha["generations"]["current"],
         beta["generations"]["current"]
     );
-    qemu_io(
-        &res,
+    res.qemu_io(
         "alpha",
         &[
             "write -P 0xab 0 1M",
@@ -107,8 +97,7 @@ fn differential_resync_moves_only_what_changed() {
     res.down("beta", beta);
     res.wait_status("alpha", "disconnected", |s| s["connection"] != "Connected");
     // 3 MiB, one 4 KiB block, and 2 bytes straddling a granule boundary.
-    qemu_io(
-        &res,
+    res.qemu_io(
         "alpha",
         &[
             "write -P 0x11 10M 3M",
@@ -191,11 +180,11 @@ fn split_brain_is_refused_and_touches_nothing() {
     let res = Resource::new();
     let (alpha, beta) = synced_pair(&res);
     res.down("beta", beta);
-    qemu_io(&res, "alpha", &["write -P 0x21 0 64k"]);
+    res.qemu_io("alpha", &["write -P 0x21 0 64k"]);
     res.down("alpha", alpha);
     let beta = res.up("beta");
     res.ok("beta", &["primary"]);
-    qemu_io(&res, "beta", &["write -P 0x22 1M 64k"]);
+    res.qemu_io("beta", &["write -P 0x22 1M 64k"]);
     res.ok("beta", &["secondary"]);
     let (alpha_before, beta_before) = (res.data_area("alpha"), res.data_area("beta"));
     let _alpha = res.up("alpha");
@@ -297,7 +286,7 @@ fn operator_disconnect_connect_and_wait_sync() {
     let (_alpha, _beta) = synced_pair(&res);
     res.ok("alpha", &["disconnect"]);
     res.wait_status("alpha", "StandAlone", |s| s["connection"] == "StandAlone");
-    qemu_io(&res, "alpha", &["write -P 0x31 2M 256k"]);
+    res.qemu_io("alpha", &["write -P 0x31 2M 256k"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let status = res.json("alpha", &["status", "--json"]);
     assert_eq!(
@@ -327,9 +316,9 @@ fn full_copy_onto_an_almost_identical_disk_moves_little() {
     }
     let res = Resource::new();
     let (_alpha, beta) = synced_pair(&res);
-    qemu_io(&res, "alpha", &["write -P 0x41 0 8M", "flush"]);
+    res.qemu_io("alpha", &["write -P 0x41 0 8M", "flush"]);
     res.down("beta", beta);
-    qemu_io(&res, "alpha", &["write -P 0x42 1M 4k"]);
+    res.qemu_io("alpha", &["write -P 0x42 1M 4k"]);
     // The replacement: same data, new metadata, so nothing says what differs.
     res.ok("beta", &["create-md", "--force"]);
     let _beta = res.up("beta");

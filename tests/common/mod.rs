@@ -290,6 +290,16 @@ impl Resource {
         data
     }
 
+    /// Runs qemu-io against a node's export; each entry is one `-c` command.
+    pub fn qemu_io(&self, node: &str, commands: &[&str]) -> String {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw", &self.uri(node)]);
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        run(&mut cmd)
+    }
+
     /// Both data areas are byte-identical (reports the first difference).
     pub fn assert_identical(&self) {
         let (a, b) = (self.data_area("alpha"), self.data_area("beta"));
