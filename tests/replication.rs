@@ -335,3 +335,29 @@ fn full_copy_onto_an_almost_identical_disk_moves_little() {
     assert_eq!(resync["zero_bytes"], DATA_BYTES - 8 * chunk, "{status}");
     res.assert_identical();
 }
+
+/// `invalidate` is refused on the primary; on the secondary it throws away
+/// its claim to the data and a full copy follows. `resync --full` copies
+/// everything again. The replicas end identical each time.
+#[test]
+fn invalidate_and_full_resync_by_the_operator() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, _beta) = synced_pair(&res);
+    res.qemu_io("alpha", &["write -P 0x51 0 2M"]);
+    let out = res.cli("alpha", &["invalidate"]);
+    assert!(!out.status.success(), "a primary was invalidated");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("demote it first"));
+    res.ok("beta", &["invalidate"]);
+    res.wait_status("alpha", "a full resync", |s| {
+        s["replication"] == "Established" && s["resync"]["total_bytes"] == DATA_BYTES
+    });
+    let beta = res.wait_established("beta");
+    assert_eq!(beta["disk_state"], "UpToDate", "{beta}");
+    res.assert_identical();
+    res.ok("alpha", &["resync", "--full"]);
+    res.ok("alpha", &["wait-sync", "--timeout", "60"]);
+    res.assert_identical();
+}

@@ -196,6 +196,14 @@ pub async fn connect(target: &Target) -> anyhow::Result<()> {
     target.call(Request::Connect).await.map(drop)
 }
 
+pub async fn invalidate(target: &Target) -> anyhow::Result<()> {
+    target.call(Request::Invalidate).await.map(drop)
+}
+
+pub async fn resync(target: &Target, full: bool) -> anyhow::Result<()> {
+    target.call(Request::Resync { full }).await.map(drop)
+}
+
 pub async fn disconnect(target: &Target) -> anyhow::Result<()> {
     target.call(Request::Disconnect).await.map(drop)
 }

@@ -61,6 +61,14 @@ enum Command {
     Connect,
     /// Drop the link to the peer and stay StandAlone until `connect`.
     Disconnect,
+    /// Mark this node's data to be overwritten by the peer (full copy).
+    Invalidate,
+    /// Reconnect and resync what is out of sync; with --full, all of the
+    /// data, copied from the primary (or, with none, the node named first).
+    Resync {
+        #[arg(long)]
+        full: bool,
+    },
     /// Wait until this node and its peer are in sync, showing progress.
     WaitSync {
         /// Give up (exit 1) after this many seconds.
@@ -110,6 +118,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Primary { force } => commands::primary(&target, force).await,
         Command::Secondary => commands::secondary(&target).await,
         Command::Connect => commands::connect(&target).await,
+        Command::Invalidate => commands::invalidate(&target).await,
+        Command::Resync { full } => commands::resync(&target, full).await,
         Command::Disconnect => commands::disconnect(&target).await,
         Command::WaitSync { timeout } => commands::wait_sync(&target, timeout).await,
         Command::Status { json } => commands::status(&target, json).await,

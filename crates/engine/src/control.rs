@@ -21,6 +21,8 @@ pub enum Request {
     Secondary,
     Connect,
     Disconnect,
+    Invalidate,
+    Resync { full: bool },
     Down,
 }
 

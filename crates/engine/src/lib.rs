@@ -44,6 +44,8 @@ pub enum Error {
     NotUpToDate { disk_state: volume::DiskState },
     #[error("Refusing to promote: the peer {0} is primary, and two primaries are never allowed while connected")]
     PeerIsPrimary(String),
+    #[error("Refusing to invalidate a primary: its data is what clients see; demote it first")]
+    InvalidatePrimary,
     #[error("Refusing to demote: {0} NBD client(s) still attached; disconnect them first")]
     ClientsAttached(usize),
     #[error("Range of {len} bytes at {offset} is outside the volume of {size} bytes")]

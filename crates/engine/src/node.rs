@@ -124,6 +124,20 @@ async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Pee
             peer.disconnect();
             (Response::Ok, false)
         }
+        Request::Invalidate => {
+            let result = volume.invalidate();
+            if result.is_ok() {
+                peer.reconnect();
+            }
+            (to_response(result), false)
+        }
+        Request::Resync { full } => {
+            if full {
+                volume.mark_everything_for_resync();
+            }
+            peer.reconnect();
+            (Response::Ok, false)
+        }
         Request::Down => (Response::Ok, true),
     };
     let _ = control::write_response(&mut stream, &response).await;

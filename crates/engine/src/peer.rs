@@ -187,6 +187,8 @@ pub struct Peer {
     state: Mutex<Shared>,
     /// Whether the operator wants the link up (`connect` / `disconnect`).
     wanted: watch::Sender<bool>,
+    /// Ends the current session so the next handshake decides afresh.
+    kick: tokio::sync::Notify,
 }
 
 struct Shared {
@@ -208,6 +210,12 @@ impl Peer {
     /// `disconnect`: drop the link and stay StandAlone until `connect`.
     pub fn disconnect(&self) {
         self.wanted.send_replace(false);
+    }
+
+    /// Drops the current session; the node reconnects at once and the
+    /// handshake decides again (after `invalidate` or `resync`).
+    pub fn reconnect(&self) {
+        self.kick.notify_waiters();
     }
 
     pub fn status(&self) -> PeerStatus {
@@ -274,6 +282,7 @@ pub fn spawn(
             resync_started: None,
         }),
         wanted: watch::channel(true).0,
+        kick: tokio::sync::Notify::new(),
     });
     let manager = Manager {
         peer: peer.clone(),
@@ -349,6 +358,7 @@ impl Manager {
             let outcome = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = wanted.wait_for(|w| !*w) => Ok(()),
+                _ = self.peer.kick.notified() => Ok(()),
                 outcome = attempt => outcome,
             };
             self.volume.set_link(None);

@@ -456,6 +456,35 @@ impl Volume {
         }
     }
 
+    /// `invalidate`: this node's data is to be overwritten by the peer. It
+    /// becomes Inconsistent with no generation, so the next connection takes
+    /// a full copy. Only a secondary can do this.
+    pub fn invalidate(&self) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap();
+        if state.role == Role::Primary {
+            return Err(Error::InvalidatePrimary);
+        }
+        self.persist(&mut state, |sb| {
+            sb.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE);
+            let g = &mut sb.generations;
+            if g.current != 0 {
+                g.history = [g.current, g.history[0]];
+            }
+            g.current = 0;
+            g.bitmap = 0;
+        })?;
+        tracing::warn!(
+            "invalidated: this node's data will be replaced by a full copy from the peer"
+        );
+        Ok(())
+    }
+
+    /// `resync --full`: everything counts as out of sync, so the next
+    /// connection copies all of it from this node.
+    pub fn mark_everything_for_resync(&self) {
+        self.tracker.mark_all();
+    }
+
     // ---- replication: what the peer connection needs from the volume ----
 
     /// Tells a connected peer this node's role.
