@@ -590,7 +590,6 @@ impl Manager {
         let volume = &self.volume;
         match decision {
             SyncDecision::InSync => {
-                volume.connected_in_sync().await?;
                 self.established(link);
                 if volume.out_of_sync_bytes() > 0 {
                     // A write raced the handshake (marked before the link was
@@ -843,16 +842,14 @@ impl Drop for FailOnDrop {
 /// A flag in Hello: this side's bitmap is not empty.
 pub const HELLO_FLAG_DIRTY: u32 = 1 << 31;
 
+/// A fresh random challenge (generation identifiers come from the same
+/// random source).
 fn rand_nonce() -> [u8; NONCE_BYTES] {
     let mut nonce = [0u8; NONCE_BYTES];
     for chunk in nonce.chunks_mut(8) {
-        chunk.copy_from_slice(&rand_u64().to_le_bytes());
+        chunk.copy_from_slice(&blkmirror_metadata::fresh_generation().to_le_bytes());
     }
     nonce
-}
-
-fn rand_u64() -> u64 {
-    blkmirror_metadata::fresh_generation()
 }
 
 /// How a resync chunk travelled.

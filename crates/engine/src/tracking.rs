@@ -153,8 +153,4 @@ impl ChangeTracker {
     pub fn out_of_sync_bytes(&self) -> u64 {
         self.bitmap.lock().unwrap().dirty_bytes()
     }
-
-    pub fn bitmap_memory_bytes(&self) -> usize {
-        self.bitmap.lock().unwrap().memory_bytes()
-    }
 }

@@ -118,6 +118,8 @@ pub struct Volume {
     gate: Arc<RangeGate>,
     /// Where writes go to reach the peer, while it receives them.
     link: Mutex<Option<Arc<LinkTx>>>,
+    /// Random per process start, sent in Hello.
+    session: u64,
 }
 
 impl Volume {
@@ -179,6 +181,7 @@ impl Volume {
             tracker,
             gate: Arc::new(RangeGate::default()),
             link: Mutex::new(None),
+            session: fresh_generation(),
         }))
     }
 
@@ -540,7 +543,7 @@ impl Volume {
             granularity: sb.layout.granularity,
             generations: peer::wire_generations(&sb.generations),
             flags: peer::hello_flags(sb.flags, self.tracker.out_of_sync_bytes() > 0),
-            session: 0,
+            session: self.session,
         }
     }
 
@@ -571,11 +574,6 @@ impl Volume {
 
     pub fn mark_in_sync(&self, offset: u64, len: u64) {
         self.tracker.clear(offset, len);
-    }
-
-    /// Connected with the same generation on both sides and nothing to copy.
-    pub async fn connected_in_sync(&self) -> Result<(), Error> {
-        Ok(())
     }
 
     /// This node is about to be overwritten by the peer: until the resync
