@@ -12,11 +12,18 @@ pub use message::{AckKind, Hello, Message, MessageError};
 
 /// Encodes `message` as one frame: header followed by payload.
 pub fn encode_frame(message: &Message, volume_uuid: [u8; 16], sequence: u64) -> Vec<u8> {
-    let payload = message.encode_payload();
-    let header = FrameHeader::for_payload(message.kind(), 0, volume_uuid, sequence, &payload);
-    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
-    out.extend_from_slice(&header.encode());
-    out.extend_from_slice(&payload);
+    // One buffer: room for the header, the payload after it, then the
+    // header (which needs the payload's checksum) written in front.
+    let mut out = vec![0u8; HEADER_BYTES];
+    message.encode_payload_into(&mut out);
+    let header = FrameHeader::for_payload(
+        message.kind(),
+        0,
+        volume_uuid,
+        sequence,
+        &out[HEADER_BYTES..],
+    );
+    out[..HEADER_BYTES].copy_from_slice(&header.encode());
     out
 }
 

@@ -177,10 +177,16 @@ impl Message {
 
     pub fn encode_payload(&self) -> Vec<u8> {
         let mut w = Vec::new();
+        self.encode_payload_into(&mut w);
+        w
+    }
+
+    /// Appends the payload to `w` (lets a frame be built in one buffer).
+    pub fn encode_payload_into(&self, w: &mut Vec<u8>) {
         match self {
             Message::Hello(h) => {
                 w.extend_from_slice(&h.volume_uuid);
-                put_bytes16(&mut w, h.node_name.as_bytes());
+                put_bytes16(w, h.node_name.as_bytes());
                 w.push(h.link_index);
                 w.extend_from_slice(&h.data_size.to_le_bytes());
                 w.extend_from_slice(&h.granularity.to_le_bytes());
@@ -259,7 +265,6 @@ impl Message {
                 w.extend_from_slice(&flags.to_le_bytes());
             }
         }
-        w
     }
 
     /// Decodes the payload of a frame whose header has been checked.

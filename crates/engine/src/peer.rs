@@ -852,6 +852,87 @@ fn rand_nonce() -> [u8; NONCE_BYTES] {
     nonce
 }
 
+/// Copies one chunk to the peer and marks it in sync once confirmed.
+async fn resync_chunk(
+    volume: &Volume,
+    link: &LinkTx,
+    peer: &Peer,
+    offset: u64,
+    len: u64,
+    checksum_first: bool,
+) -> Result<(), String> {
+    let lost = || "link lost during resync".to_string();
+    // Reading and queueing under the range gate orders this chunk before
+    // any application write to the same range.
+    let (guard, data) = volume
+        .read_for_resync(offset, len)
+        .await
+        .map_err(|e| e.to_string())?;
+    // An all-zero chunk travels as a zeroing command, not as data: a new or
+    // mostly empty disk rebuilds at little cost. In a full copy onto a disk
+    // that may already be mostly right, only the checksum goes first.
+    let mut kind = if is_zero(&data) {
+        ChunkKind::Zero
+    } else if checksum_first {
+        ChunkKind::Checksum
+    } else {
+        ChunkKind::Data
+    };
+    let ack = match kind {
+        ChunkKind::Zero => {
+            link.enqueue(|seq| Message::Write {
+                seq,
+                offset,
+                flags: WRITE_FLAG_ZERO,
+                data: len.to_le_bytes().to_vec(),
+            })
+            .await
+        }
+        ChunkKind::Checksum => {
+            link.enqueue(|_| Message::ResyncChecksum {
+                offset,
+                len: len as u32,
+                crc: crc32c::crc32c(&data),
+            })
+            .await
+        }
+        ChunkKind::Data => {
+            link.enqueue(|_| Message::ResyncData {
+                offset,
+                data: data.to_vec(),
+            })
+            .await
+        }
+    };
+    drop(guard);
+    let mut answer = ack.map_err(|Lost| lost())?.await.map_err(|_| lost())?;
+    if kind == ChunkKind::Checksum && answer == CHECKSUM_DIFFERS {
+        // It differs after all: send the data, read afresh under the gate.
+        let (guard, data) = volume
+            .read_for_resync(offset, len)
+            .await
+            .map_err(|e| e.to_string())?;
+        let rx = link
+            .enqueue(|_| Message::ResyncData {
+                offset,
+                data: data.to_vec(),
+            })
+            .await
+            .map_err(|Lost| lost())?;
+        drop(guard);
+        answer = rx.await.map_err(|_| lost())?;
+        kind = ChunkKind::Data;
+    }
+    if answer != 0 {
+        return Err(format!(
+            "peer failed to write resync data at {offset}: errno {answer}"
+        ));
+    }
+    volume.mark_in_sync(offset, len);
+    peer.progress(len, kind);
+    Ok(())
+}
+
 /// How a resync chunk travelled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkKind {
@@ -907,78 +988,18 @@ async fn resync_source(
                         joined.map_err(|e| e.to_string())??;
                     }
                     let (volume, peer, link) = (volume.clone(), peer.clone(), link.clone());
-                    // Reading and queueing under the range gate orders this chunk
-                    // before any application write to the same range.
-                    let (guard, data) = volume
-                        .read_for_resync(chunk_offset, chunk_len)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    // An all-zero chunk travels as a zeroing command, not as data:
-                    // a new or mostly empty disk rebuilds at little cost.
-                    let zero = is_zero(&data);
-                    let kind = if zero {
-                        ChunkKind::Zero
-                    } else if checksum_first {
-                        ChunkKind::Checksum
-                    } else {
-                        ChunkKind::Data
-                    };
-                    let ack = if kind == ChunkKind::Checksum {
-                        // A full copy onto a disk that may already be mostly
-                        // right: ask first, send data only where it differs.
-                        link.enqueue(|_| Message::ResyncChecksum {
-                            offset: chunk_offset,
-                            len: chunk_len as u32,
-                            crc: crc32c::crc32c(&data),
-                        })
-                        .await
-                    } else if zero {
-                        link.enqueue(|seq| Message::Write {
-                            seq,
-                            offset: chunk_offset,
-                            flags: WRITE_FLAG_ZERO,
-                            data: chunk_len.to_le_bytes().to_vec(),
-                        })
-                        .await
-                    } else {
-                        link.enqueue(|_| Message::ResyncData {
-                            offset: chunk_offset,
-                            data: data.to_vec(),
-                        })
-                        .await
-                    };
-                    drop(guard);
+                    // Each chunk in its own task: reads overlap with sending.
                     acks.spawn(async move {
                         let _permit = permit;
-                        let lost = || "link lost during resync".to_string();
-                        let mut answer = ack.map_err(|Lost| lost())?.await.map_err(|_| lost())?;
-                        let mut kind = kind;
-                        if kind == ChunkKind::Checksum && answer == CHECKSUM_DIFFERS {
-                            // It differs after all: send the data, read afresh
-                            // under the range gate.
-                            let (guard, data) = volume
-                                .read_for_resync(chunk_offset, chunk_len)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            let rx = link
-                                .enqueue(|_| Message::ResyncData {
-                                    offset: chunk_offset,
-                                    data: data.to_vec(),
-                                })
-                                .await
-                                .map_err(|Lost| lost())?;
-                            drop(guard);
-                            answer = rx.await.map_err(|_| lost())?;
-                            kind = ChunkKind::Data;
-                        }
-                        if answer != 0 {
-                            return Err(format!(
-                            "peer failed to write resync data at {chunk_offset}: errno {answer}"
-                        ));
-                        }
-                        volume.mark_in_sync(chunk_offset, chunk_len);
-                        peer.progress(chunk_len, kind);
-                        Ok(())
+                        resync_chunk(
+                            &volume,
+                            &link,
+                            &peer,
+                            chunk_offset,
+                            chunk_len,
+                            checksum_first,
+                        )
+                        .await
                     });
                 }
             }

@@ -632,6 +632,8 @@ impl Volume {
     }
 
     /// Applies a write that came from the peer (the caller holds its range).
+    /// No activity-log entry: a write the peer never saw confirmed is
+    /// already marked in the peer's bitmap, so this side need not remember it.
     pub async fn write_replicated(
         &self,
         offset: u64,
@@ -649,9 +651,6 @@ impl Volume {
                     size: self.data_size,
                 })?;
             let at = self.range(offset, len)?;
-            self.tracker
-                .before_write(&self.store, offset, len, false)
-                .await?;
             self.store
                 .zero_range(at, len, flags & WRITE_FLAG_UNMAP != 0)
                 .await?;
@@ -660,11 +659,7 @@ impl Volume {
             }
             return Ok(());
         }
-        let len = data.len() as u64;
-        let at = self.range(offset, len)?;
-        self.tracker
-            .before_write(&self.store, offset, len, false)
-            .await?;
+        let at = self.range(offset, data.len() as u64)?;
         self.store
             .write(at, AlignedBuf::from_slice(&data), fua)
             .await?;
