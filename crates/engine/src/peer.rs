@@ -368,6 +368,10 @@ impl Manager {
                     REFUSED_RETRY_DELAY
                 }
                 Err(PeerError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => delay,
+                Err(PeerError::NotYet(reason)) => {
+                    tracing::info!(peer = self.peer_name, "waiting: {reason}");
+                    delay
+                }
                 Err(e) => {
                     tracing::warn!(peer = self.peer_name, error = %e, "link to the peer lost");
                     delay

@@ -289,11 +289,6 @@ impl DirtyBitmap {
         }
         Ok(pages.len())
     }
-
-    /// How many pages wait to be written.
-    pub fn unflushed_pages(&self) -> usize {
-        self.unflushed.iter().filter(|&&u| u).count()
-    }
 }
 
 fn split(granule: u64) -> (usize, usize) {
