@@ -37,6 +37,18 @@ pub enum DecodeError {
 
 /// Decodes one whole frame from untrusted bytes (header, checksums, then
 /// the message), returning it and the bytes it used.
+/// Rewrites the sequence number of a frame built by [`encode_frame`] (and
+/// its header checksum), so a frame can be encoded before its place in the
+/// stream is known.
+pub fn stamp_sequence(frame: &mut [u8], sequence: u64) {
+    let header: &mut [u8; HEADER_BYTES] = frame
+        .first_chunk_mut()
+        .expect("a frame starts with a whole header");
+    header[28..36].copy_from_slice(&sequence.to_le_bytes());
+    let crc = crc32c::crc32c(&header[..HEADER_BYTES - 4]);
+    header[HEADER_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+}
+
 pub fn decode_frame(bytes: &[u8]) -> Result<Option<(FrameHeader, Message, usize)>, DecodeError> {
     let Some(header_bytes) = bytes.first_chunk::<HEADER_BYTES>() else {
         return Ok(None);
@@ -57,7 +69,6 @@ mod tests {
     #[test]
     fn frame_round_trip_and_partial_input() {
         let message = Message::Write {
-            seq: 7,
             offset: 4096,
             flags: message::WRITE_FLAG_FUA,
             data: vec![1, 2, 3],
@@ -71,8 +82,12 @@ mod tests {
         let (header, decoded, used) = decode_frame(&bytes).unwrap().unwrap();
         assert_eq!(
             (decoded, used, header.volume_uuid),
-            (message, bytes.len(), [9; 16])
+            (message.clone(), bytes.len(), [9; 16])
         );
+        let mut restamped = bytes.clone();
+        stamp_sequence(&mut restamped, 42);
+        let (header, decoded, _) = decode_frame(&restamped).unwrap().unwrap();
+        assert_eq!((header.sequence, &decoded), (42, &message));
         let mut corrupt = bytes.clone();
         *corrupt.last_mut().unwrap() ^= 1;
         assert_eq!(

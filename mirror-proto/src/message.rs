@@ -21,6 +21,9 @@ pub const WRITE_FLAG_PREFLUSH: u32 = 1 << 1;
 pub const WRITE_FLAG_ZERO: u32 = 1 << 2;
 /// With WRITE_FLAG_ZERO: the space may be deallocated.
 pub const WRITE_FLAG_UNMAP: u32 = 1 << 3;
+/// The sender wants an `Ack` of kind `Received` as soon as the write
+/// arrives, before it is written (protocol B).
+pub const WRITE_FLAG_ACK_RECEIVED: u32 = 1 << 4;
 
 /// Message kinds (the frame header's `kind`).
 pub mod kind {
@@ -38,6 +41,7 @@ pub mod kind {
     pub const RESYNC_DONE: u16 = 24;
     pub const PING: u16 = 30;
     pub const PONG: u16 = 31;
+    pub const RECEIVED: u16 = 32;
     pub const STATE: u16 = 40;
 }
 
@@ -83,9 +87,9 @@ pub enum Message {
     AuthResponse {
         mac: [u8; MAC_BYTES],
     },
-    /// A replicated application write, ordered by `seq`.
+    /// A replicated application write, ordered (and answered) by the
+    /// sequence number of its frame.
     Write {
-        seq: u64,
         offset: u64,
         flags: u32,
         data: Vec<u8>,
@@ -134,6 +138,12 @@ pub enum Message {
     Pong {
         token: u64,
     },
+    /// Every sequenced frame up to `upto` has arrived and been taken in
+    /// order: the sender may forget them (it keeps each frame until then,
+    /// to send it again on another link if its own link dies).
+    Received {
+        upto: u64,
+    },
     /// The sender's role and disk state changed.
     State {
         role: u8,
@@ -171,6 +181,7 @@ impl Message {
             Message::ResyncDone { .. } => kind::RESYNC_DONE,
             Message::Ping { .. } => kind::PING,
             Message::Pong { .. } => kind::PONG,
+            Message::Received { .. } => kind::RECEIVED,
             Message::State { .. } => kind::STATE,
         }
     }
@@ -204,12 +215,10 @@ impl Message {
             Message::AuthChallenge { nonce } => w.extend_from_slice(nonce),
             Message::AuthResponse { mac } => w.extend_from_slice(mac),
             Message::Write {
-                seq,
                 offset,
                 flags,
                 data,
             } => {
-                w.extend_from_slice(&seq.to_le_bytes());
                 w.extend_from_slice(&offset.to_le_bytes());
                 w.extend_from_slice(&flags.to_le_bytes());
                 w.extend_from_slice(data);
@@ -254,6 +263,7 @@ impl Message {
             }
             Message::Ping { token }
             | Message::Pong { token }
+            | Message::Received { upto: token }
             | Message::ResyncDone { current: token } => w.extend_from_slice(&token.to_le_bytes()),
             Message::State {
                 role,
@@ -306,7 +316,6 @@ impl Message {
             kind::AUTH_CHALLENGE => Message::AuthChallenge { nonce: r.array()? },
             kind::AUTH_RESPONSE => Message::AuthResponse { mac: r.array()? },
             kind::WRITE => Message::Write {
-                seq: r.u64()?,
                 offset: r.u64()?,
                 flags: r.u32()?,
                 data: r.rest(),
@@ -362,6 +371,7 @@ impl Message {
             kind::RESYNC_DONE => Message::ResyncDone { current: r.u64()? },
             kind::PING => Message::Ping { token: r.u64()? },
             kind::PONG => Message::Pong { token: r.u64()? },
+            kind::RECEIVED => Message::Received { upto: r.u64()? },
             kind::STATE => Message::State {
                 role: r.u8()?,
                 disk_state: r.u8()?,
@@ -477,14 +487,13 @@ mod tests {
                 ),
             any::<[u8; 32]>().prop_map(|nonce| Message::AuthChallenge { nonce }),
             any::<[u8; 32]>().prop_map(|mac| Message::AuthResponse { mac }),
-            (any::<u64>(), any::<u64>(), any::<u32>(), bytes()).prop_map(
-                |(seq, offset, flags, data)| Message::Write {
-                    seq,
+            (any::<u64>(), any::<u32>(), bytes()).prop_map(|(offset, flags, data)| {
+                Message::Write {
                     offset,
                     flags,
-                    data
+                    data,
                 }
-            ),
+            }),
             (any::<u64>(), any::<bool>(), any::<u32>()).prop_map(|(seq, written, errno)| {
                 Message::Ack {
                     seq,
@@ -516,6 +525,7 @@ mod tests {
             any::<u64>().prop_map(|current| Message::ResyncDone { current }),
             any::<u64>().prop_map(|token| Message::Ping { token }),
             any::<u64>().prop_map(|token| Message::Pong { token }),
+            any::<u64>().prop_map(|upto| Message::Received { upto }),
             (any::<u8>(), any::<u8>(), any::<u32>()).prop_map(|(role, disk_state, flags)| {
                 Message::State {
                     role,

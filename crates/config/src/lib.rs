@@ -114,6 +114,9 @@ pub struct Config {
     pub secret: Option<String>,
     /// A peer silent for this long is declared dead.
     pub timeout: std::time::Duration,
+    /// A hard cap on resync (and verify) speed; `None`: no cap, only the
+    /// controller that yields to application writes.
+    pub resync_rate_max_bytes_per_s: Option<u64>,
 }
 
 /// Peer timeout when the config does not set one (CLUSTERPRO: 30 s, DRBD: 10.5 s).
@@ -129,7 +132,20 @@ struct RawConfig {
     secret: Option<String>,
     /// Seconds.
     timeout: Option<f64>,
+    /// Bytes per second: a number, or a size such as "100M" or "1GiB".
+    #[serde(rename = "resync-rate-max")]
+    resync_rate_max: Option<RawSize>,
 }
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Resync below this is surely a typo (and would take days per disk).
+pub const RESYNC_RATE_MIN_BYTES_PER_S: u64 = 1 << 20;
 
 fn default_protocol() -> Protocol {
     Protocol::C
@@ -234,6 +250,27 @@ impl Config {
                 format!("{timeout_s} s is outside 0.5 to 600 s"),
             ));
         }
+        let resync_rate_max_bytes_per_s = match raw.resync_rate_max {
+            None => None,
+            Some(RawSize::Bytes(n)) => Some(n),
+            Some(RawSize::Text(text)) => {
+                let size = text.trim().trim_end_matches("/s");
+                Some(parse_size::parse_size(size).map_err(|e| {
+                    invalid(
+                        "resync-rate-max",
+                        format!("{text:?} is not a rate such as \"100M\" or \"1GiB\": {e}"),
+                    )
+                })?)
+            }
+        };
+        if let Some(rate) = resync_rate_max_bytes_per_s {
+            if rate < RESYNC_RATE_MIN_BYTES_PER_S {
+                return Err(invalid(
+                    "resync-rate-max",
+                    format!("{rate} bytes/s is below the minimum of 1 MiB/s"),
+                ));
+            }
+        }
         let link_counts: Vec<usize> = nodes.values().map(|n| n.links.len()).collect();
         if link_counts[0] != link_counts[1] {
             return Err(invalid(
@@ -249,6 +286,7 @@ impl Config {
             nodes,
             secret: raw.secret,
             timeout: std::time::Duration::from_secs_f64(timeout_s),
+            resync_rate_max_bytes_per_s,
         })
     }
 
@@ -368,6 +406,25 @@ control = "/tmp/b.ctl"
         );
         let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r0\"\ntimeout = 0"));
         assert!(e.contains("key `timeout`"), "{e}");
+    }
+
+    #[test]
+    fn resync_rate_max_takes_numbers_and_sizes() {
+        let rate = |value: &str| {
+            parse(&GOOD.replace(
+                "name = \"r0\"",
+                &format!("name = \"r0\"\nresync-rate-max = {value}"),
+            ))
+            .map(|c| c.resync_rate_max_bytes_per_s)
+        };
+        assert_eq!(parse(GOOD).unwrap().resync_rate_max_bytes_per_s, None);
+        assert_eq!(rate("\"100M\"").unwrap(), Some(100_000_000));
+        assert_eq!(rate("\"1GiB/s\"").unwrap(), Some(1 << 30));
+        assert_eq!(rate("50000000").unwrap(), Some(50_000_000));
+        let e = rate("\"fast\"").unwrap_err().to_string();
+        assert!(e.contains("resync-rate-max") && e.contains("fast"), "{e}");
+        let e = rate("\"10K\"").unwrap_err().to_string();
+        assert!(e.contains("minimum"), "{e}");
     }
 
     #[test]

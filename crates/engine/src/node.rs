@@ -20,16 +20,10 @@ use crate::Error;
 /// Runs `node` of `config` in the foreground until it is told to stop.
 pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let node_config = config.node(node)?;
-    if config.protocol != blkmirror_config::Protocol::C {
-        tracing::warn!(
-            protocol = ?config.protocol,
-            "protocols A and B are not implemented yet; replicating with protocol C, the safest"
-        );
-    }
     // The control socket first: it is how a second `up` of the same node
     // learns it must not touch the disk at all.
     let (control_listener, _control_file) = bind_unix(&node_config.control).await?;
-    let volume = Volume::open(&config.name, node_config)?;
+    let volume = Volume::open(&config.name, node_config, config.protocol)?;
     let (nbd_listener, _nbd_file) = match &node_config.nbd {
         Endpoint::Unix(path) => {
             let (listener, file) = bind_unix(path).await?;

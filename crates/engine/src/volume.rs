@@ -2,18 +2,21 @@
 //! decides whether this node may serve I/O.
 
 use std::fs::File;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use blkmirror_config::NodeConfig;
+use blkmirror_config::{NodeConfig, Protocol};
 use blkmirror_io::{AlignedBuf, Engine, Store};
 use blkmirror_metadata::{self as metadata, fresh_generation, Flags, Generations, Superblock};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use blkmirror_proto::message::{WRITE_FLAG_UNMAP, WRITE_FLAG_ZERO};
+use blkmirror_proto::message::{WRITE_FLAG_ACK_RECEIVED, WRITE_FLAG_UNMAP, WRITE_FLAG_ZERO};
+use blkmirror_proto::Message;
 
 use crate::gate::{RangeGate, RangeGuard};
-use crate::peer::{self, LinkTx, Lost};
+use crate::peer::{self, Channel, Lost, Reply};
 use crate::tracking::ChangeTracker;
 use crate::Error;
 
@@ -117,15 +120,32 @@ pub struct Volume {
     /// Orders overlapping writes identically on both nodes.
     gate: Arc<RangeGate>,
     /// Where writes go to reach the peer, while it receives them.
-    link: Mutex<Option<Arc<LinkTx>>>,
+    link: Mutex<Option<Arc<Channel>>>,
+    /// When a write counts as done: see [`Protocol`].
+    protocol: Protocol,
+    /// Application writes so far (resync yields while they come).
+    application_writes: AtomicU64,
     /// Random per process start, sent in Hello.
     session: u64,
+}
+
+/// Where the peer's half of a replicated write stands when the client may
+/// hear success.
+enum PeerHalf {
+    /// The peer answered (protocol C): 0, or its errno.
+    Answered(u32),
+    /// Still on its way (protocols A and B); the answer is awaited apart.
+    Pending(Reply),
 }
 
 impl Volume {
     /// Opens the node's disk (locking it) and checks its metadata. Nothing is
     /// written until [`Volume::start`]; the node starts as Secondary.
-    pub fn open(resource: &str, node: &NodeConfig) -> Result<Arc<Volume>, Error> {
+    pub fn open(
+        resource: &str,
+        node: &NodeConfig,
+        protocol: Protocol,
+    ) -> Result<Arc<Volume>, Error> {
         let store = Store::open(&node.disk, Engine::Uring)?;
         let meta = store
             .file()
@@ -181,6 +201,8 @@ impl Volume {
             tracker,
             gate: Arc::new(RangeGate::default()),
             link: Mutex::new(None),
+            protocol,
+            application_writes: AtomicU64::new(0),
             session: fresh_generation(),
         }))
     }
@@ -378,7 +400,12 @@ impl Volume {
         Ok(self.store.read(at, len).await?)
     }
 
-    pub async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), Error> {
+    pub async fn write(
+        self: &Arc<Self>,
+        offset: u64,
+        data: AlignedBuf,
+        fua: bool,
+    ) -> Result<(), Error> {
         let len = data.len() as u64;
         let at = self.disk_offset(offset, len)?;
         let link = self.prepare_write(offset, len).await?;
@@ -387,23 +414,80 @@ impl Volume {
             self.store.write(at, data, fua).await?;
             return Ok(());
         };
-        // Local disk and peer in parallel; protocol C: both must confirm.
-        let copy = data.to_vec();
-        let remote = link.request(move |seq| blkmirror_proto::Message::Write {
-            seq,
+        let message = Message::Write {
             offset,
             flags: peer::fua_flag(fua),
-            data: copy,
-        });
-        let (local, remote) = tokio::join!(self.store.write(at, data, fua), remote);
+            data: data.to_vec(),
+        };
+        let local = async {
+            self.store.write(at, data, fua).await?;
+            Ok(())
+        };
+        self.replicate(&link, message, offset, len, local).await
+    }
+
+    /// Runs the local half of a write beside sending it to the peer, and
+    /// returns once the protocol lets the client hear success: C when both
+    /// disks have it, B when the peer has received it, A when it is queued.
+    /// With A and B, a write the peer then fails or never confirms is
+    /// marked for resync when that is known (a crash before that is covered
+    /// by the activity log).
+    async fn replicate(
+        self: &Arc<Self>,
+        link: &Channel,
+        mut message: Message,
+        offset: u64,
+        len: u64,
+        local: impl Future<Output = Result<(), Error>>,
+    ) -> Result<(), Error> {
+        let protocol = self.protocol;
+        let remote = async {
+            let mut reply = if protocol == Protocol::B {
+                if let Message::Write { flags, .. } = &mut message {
+                    *flags |= WRITE_FLAG_ACK_RECEIVED;
+                }
+                link.enqueue_received(&message).await?
+            } else {
+                link.enqueue(&message).await?
+            };
+            drop(message);
+            match protocol {
+                Protocol::C => reply.written().await.map(PeerHalf::Answered),
+                Protocol::B => {
+                    reply.received().await?;
+                    Ok(PeerHalf::Pending(reply))
+                }
+                Protocol::A => Ok(PeerHalf::Pending(reply)),
+            }
+        };
+        let (local, remote) = tokio::join!(local, remote);
         local?;
-        self.peer_result(offset, len, remote)
+        match remote {
+            Ok(PeerHalf::Answered(errno)) => self.peer_result(offset, len, Ok(errno)),
+            Err(Lost) => self.peer_result(offset, len, Err(Lost)),
+            Ok(PeerHalf::Pending(reply)) => {
+                let volume = self.clone();
+                tokio::spawn(async move {
+                    let answer = reply.written().await;
+                    if let Err(e) = volume.peer_result(offset, len, answer) {
+                        tracing::error!(error = %e, offset, "cannot mark an unconfirmed write for resync");
+                    }
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Application writes so far (a counter the resync pacing watches).
+    pub fn application_writes(&self) -> u64 {
+        self.application_writes.load(Ordering::Relaxed)
     }
 
     /// Before a write: picks the link (if the peer receives writes now),
     /// starts a new generation if it does not, and records the write in the
     /// activity log (and, without the peer, in the bitmap).
-    async fn prepare_write(&self, offset: u64, len: u64) -> Result<Option<Arc<LinkTx>>, Error> {
+    async fn prepare_write(&self, offset: u64, len: u64) -> Result<Option<Arc<Channel>>, Error> {
+        self.application_writes.fetch_add(1, Ordering::Relaxed);
         let link = self.link.lock().unwrap().clone();
         if link.is_none() {
             self.open_generation()?;
@@ -443,7 +527,10 @@ impl Volume {
         };
         // Every write acknowledged before this flush is on both disks; make
         // both durable.
-        let remote = link.request(|epoch| blkmirror_proto::Message::Barrier { epoch });
+        let barrier = Message::Barrier {
+            epoch: link.next_epoch(),
+        };
+        let remote = link.request(&barrier);
         let (local, remote) = tokio::join!(self.store.flush(), remote);
         local?;
         match remote {
@@ -496,7 +583,7 @@ impl Volume {
         if let Some(link) = link {
             let role = u8::from(self.role() == Role::Primary);
             let _ = link
-                .send(&blkmirror_proto::Message::State {
+                .send(&Message::State {
                     role,
                     disk_state: 0,
                     flags: 0,
@@ -510,7 +597,7 @@ impl Volume {
     }
 
     /// Where writes go while the peer receives them; `None` when it does not.
-    pub fn set_link(&self, link: Option<Arc<LinkTx>>) {
+    pub fn set_link(&self, link: Option<Arc<Channel>>) {
         if link.is_some() {
             self.state.lock().unwrap().generation_open = false;
         }
@@ -678,26 +765,16 @@ impl Volume {
 
     /// Zeroes a range (TRIM and WRITE_ZEROES): both read back as zeroes, so
     /// replicas stay byte-identical whatever the device does with discards.
-    pub async fn zero(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<(), Error> {
+    pub async fn zero(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<(), Error> {
         let at = self.disk_offset(offset, len)?;
         let link = self.prepare_write(offset, len).await?;
         let _guard = self.gate.enter(offset, len).await;
-        let remote = async {
-            let link = link.as_ref()?;
-            let mut flags = peer::fua_flag(fua) | WRITE_FLAG_ZERO;
-            if unmap {
-                flags |= WRITE_FLAG_UNMAP;
-            }
-            Some(
-                link.request(|seq| blkmirror_proto::Message::Write {
-                    seq,
-                    offset,
-                    flags,
-                    data: len.to_le_bytes().to_vec(),
-                })
-                .await,
-            )
-        };
         let local = async {
             self.store.zero_range(at, len, unmap).await?;
             if fua {
@@ -705,11 +782,18 @@ impl Volume {
             }
             Ok::<(), Error>(())
         };
-        let (local, remote) = tokio::join!(local, remote);
-        local?;
-        match remote {
-            Some(remote) => self.peer_result(offset, len, remote),
-            None => Ok(()),
+        let Some(link) = link else {
+            return local.await;
+        };
+        let mut flags = peer::fua_flag(fua) | WRITE_FLAG_ZERO;
+        if unmap {
+            flags |= WRITE_FLAG_UNMAP;
         }
+        let message = Message::Write {
+            offset,
+            flags,
+            data: len.to_le_bytes().to_vec(),
+        };
+        self.replicate(&link, message, offset, len, local).await
     }
 }

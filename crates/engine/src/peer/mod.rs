@@ -1,14 +1,17 @@
-//! The connection to the peer node: connecting and reconnecting, the
-//! handshake (identity, volume, sizes, generations, optional HMAC
-//! authentication), the sync decision, resync in either direction, and the
-//! replication of application writes once connected.
+//! The connection to the peer node: its one or two links, the handshake
+//! (identity, volume, sizes, generations, optional HMAC authentication), the
+//! sync decision, resync in either direction, verify, and the replication of
+//! application writes once connected.
 //!
-//! One link for now: link 0 of the config. The node whose name sorts first
-//! connects; the other listens.
+//! The node whose name sorts first connects; the other listens on each of
+//! its links. The first link to come up carries the handshake that opens a
+//! session; the others join that session. A session lives as long as one
+//! of its links does (see [`channel`]).
 
-use std::collections::HashMap;
+mod channel;
+mod resync;
+
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,28 +19,37 @@ use blkmirror_config::Config;
 use blkmirror_metadata::superblock::Flags;
 use blkmirror_metadata::sync_decision::{decide, SyncDecision};
 use blkmirror_proto::message::{
-    Generations as WireGenerations, NONCE_BYTES, WRITE_FLAG_FUA, WRITE_FLAG_ZERO,
+    Generations as WireGenerations, NONCE_BYTES, WRITE_FLAG_ACK_RECEIVED, WRITE_FLAG_FUA,
+    WRITE_FLAG_ZERO,
 };
 use blkmirror_proto::{auth, AckKind, FrameHeader, Hello, Message, HEADER_BYTES};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+
+pub use channel::{Channel, Lost, Reply, LINKS_MAX};
+use resync::{ChunkKind, CHECKSUM_DIFFERS};
+pub use resync::{RESYNC_CHUNK_BYTES, RESYNC_WINDOW_BUSY, RESYNC_WINDOW_IDLE};
 
 use crate::volume::{Role, Volume};
 
-/// Largest chunk a resync moves in one message.
-pub const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
-/// Resync chunks in flight at once.
-pub const RESYNC_WINDOW: usize = 8;
-/// Frames queued for the socket before senders wait.
-const OUTGOING_QUEUE_MAX: usize = 256;
 const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(2);
 /// After a refusal that needs an operator (split brain, unrelated data),
 /// the node tries again only this rarely, and says so each time.
 const REFUSED_RETRY_DELAY: Duration = Duration::from_secs(10);
+/// Replicated writes being applied at once on this node.
+const APPLYING_MAX: u32 = 128;
+/// Link connections between accepting and their handshake.
+const ARRIVALS_QUEUED_MAX: usize = 2 * LINKS_MAX;
+
+/// A flag in Hello: this side's bitmap is not empty.
+pub const HELLO_FLAG_DIRTY: u32 = 1 << 31;
+/// A flag in Hello: this link joins the session named in the Hello rather
+/// than opening a new one.
+pub const HELLO_FLAG_JOIN: u32 = 1 << 30;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConnectionState {
@@ -56,6 +68,7 @@ pub enum ReplicationState {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LinkStatus {
+    /// The peer's address for this link.
     pub address: String,
     pub state: ConnectionState,
 }
@@ -72,6 +85,18 @@ pub struct ResyncStatus {
     pub eta_s: u64,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    pub running: bool,
+    /// Whether a verify has completed since the node started.
+    pub finished: bool,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Found different on the two nodes, and marked out of sync.
+    pub differing_bytes: u64,
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub connection: ConnectionState,
@@ -81,6 +106,7 @@ pub struct PeerStatus {
     pub peer_disk_state: Option<String>,
     pub links: Vec<LinkStatus>,
     pub resync: ResyncStatus,
+    pub verify: VerifyStatus,
     pub last_error: Option<String>,
 }
 
@@ -92,6 +118,11 @@ pub enum PeerError {
     Wire(String),
     #[error("Peer was silent for {0:?}")]
     Timeout(Duration),
+    #[error("Every link to the peer is down: {0}")]
+    LinksLost(String),
+    /// The peer opened a new session (it restarted, or lost this one).
+    #[error("Peer started a new session")]
+    Superseded,
     /// Needs an operator: retried only rarely.
     #[error("{0}")]
     Refused(String),
@@ -102,93 +133,20 @@ pub enum PeerError {
     Local(#[from] crate::Error),
 }
 
-/// The sending side of an established link: application writes and resync
-/// data go out through it, and acknowledgements come back to their waiters.
-pub struct LinkTx {
-    out: mpsc::Sender<Vec<u8>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<u32>>>,
-    next_seq: AtomicU64,
-    volume_uuid: [u8; 16],
-}
-
-/// The peer did not confirm: the link went away first.
-#[derive(Debug)]
-pub struct Lost;
-
-impl LinkTx {
-    /// Sends the message built for a fresh sequence number and waits for the
-    /// peer's answer to it (its errno, 0 for success).
-    pub async fn request(&self, build: impl FnOnce(u64) -> Message) -> Result<u32, Lost> {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.enqueue_seq(seq, build(seq))
-            .await?
-            .await
-            .map_err(|_| Lost)
-    }
-
-    /// Queues a message that the peer answers by the frame's sequence number;
-    /// returns the receiver of that answer. Once this returns, the message is
-    /// ordered before anything queued later.
-    pub async fn enqueue(
-        &self,
-        build: impl FnOnce(u64) -> Message,
-    ) -> Result<oneshot::Receiver<u32>, Lost> {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        self.enqueue_seq(seq, build(seq)).await
-    }
-
-    async fn enqueue_seq(
-        &self,
-        seq: u64,
-        message: Message,
-    ) -> Result<oneshot::Receiver<u32>, Lost> {
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap().insert(seq, tx);
-        let frame = blkmirror_proto::encode_frame(&message, self.volume_uuid, seq);
-        if self.out.send(frame).await.is_err() {
-            self.pending.lock().unwrap().remove(&seq);
-            return Err(Lost);
-        }
-        Ok(rx)
-    }
-
-    pub async fn send(&self, message: &Message) -> Result<(), Lost> {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let frame = blkmirror_proto::encode_frame(message, self.volume_uuid, seq);
-        self.out.send(frame).await.map_err(|_| Lost)
-    }
-
-    /// Sends if the queue has room, else drops the message.
-    fn try_send(&self, message: &Message) {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let _ = self.out.try_send(blkmirror_proto::encode_frame(
-            message,
-            self.volume_uuid,
-            seq,
-        ));
-    }
-
-    fn answer(&self, seq: u64, errno: u32) {
-        if let Some(waiter) = self.pending.lock().unwrap().remove(&seq) {
-            let _ = waiter.send(errno);
-        }
-    }
-
-    /// Fails every waiter: the link is gone.
-    fn fail_all(&self) {
-        self.pending.lock().unwrap().clear();
-    }
-}
-
 /// What the node knows of its peer, shared with `status`.
 pub struct Peer {
     peer_node: String,
-    link_address: SocketAddr,
+    link_addresses: Vec<SocketAddr>,
     state: Mutex<Shared>,
+    /// The current session's channel, for the per-link status.
+    channel: Mutex<Option<Arc<Channel>>>,
     /// Whether the operator wants the link up (`connect` / `disconnect`).
     wanted: watch::Sender<bool>,
     /// Ends the current session so the next handshake decides afresh.
-    kick: tokio::sync::Notify,
+    kick: Notify,
+    /// `verify` asked for.
+    verify_wanted: Notify,
+    resync_rate_max_bytes_per_s: Option<u64>,
 }
 
 struct Shared {
@@ -199,6 +157,7 @@ struct Shared {
     last_error: Option<String>,
     resync: ResyncStatus,
     resync_started: Option<Instant>,
+    verify: VerifyStatus,
 }
 
 impl Peer {
@@ -218,7 +177,34 @@ impl Peer {
         self.kick.notify_waiters();
     }
 
+    /// `verify`: compare both replicas by checksum, online.
+    pub fn start_verify(&self) -> Result<(), String> {
+        let mut s = self.state.lock().unwrap();
+        if s.replication != ReplicationState::Established {
+            return Err(format!(
+                "verify needs replication Established with {}; it is {:?}",
+                self.peer_node, s.replication
+            ));
+        }
+        if s.verify.running {
+            return Err("a verify is already running".into());
+        }
+        s.verify = VerifyStatus {
+            running: true,
+            ..VerifyStatus::default()
+        };
+        self.verify_wanted.notify_one();
+        Ok(())
+    }
+
     pub fn status(&self) -> PeerStatus {
+        let links_up = self
+            .channel
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| *c.links_up().borrow())
+            .unwrap_or([false; LINKS_MAX]);
         let s = self.state.lock().unwrap();
         PeerStatus {
             connection: s.connection,
@@ -226,11 +212,21 @@ impl Peer {
             peer_node: self.peer_node.clone(),
             peer_role: s.peer_role,
             peer_disk_state: s.peer_disk_state.clone(),
-            links: vec![LinkStatus {
-                address: self.link_address.to_string(),
-                state: s.connection,
-            }],
+            links: self
+                .link_addresses
+                .iter()
+                .zip(links_up)
+                .map(|(address, up)| LinkStatus {
+                    address: address.to_string(),
+                    state: match (up, s.connection) {
+                        (true, _) => ConnectionState::Connected,
+                        (false, ConnectionState::StandAlone) => ConnectionState::StandAlone,
+                        (false, _) => ConnectionState::Connecting,
+                    },
+                })
+                .collect(),
             resync: s.resync.clone(),
+            verify: s.verify.clone(),
             last_error: s.last_error.clone(),
         }
     }
@@ -255,6 +251,15 @@ impl Peer {
             }
         });
     }
+
+    fn verify_progress(&self, done_delta: u64, differs: bool) {
+        self.set(|s| {
+            s.verify.done_bytes += done_delta;
+            if differs {
+                s.verify.differing_bytes += done_delta;
+            }
+        });
+    }
 }
 
 /// Starts the peer connection manager for `volume`; it runs until `stop`.
@@ -271,7 +276,7 @@ pub fn spawn(
         .clone();
     let peer = Arc::new(Peer {
         peer_node: peer_config.name.clone(),
-        link_address: peer_config.links[0],
+        link_addresses: peer_config.links.clone(),
         state: Mutex::new(Shared {
             connection: ConnectionState::Connecting,
             replication: ReplicationState::Off,
@@ -280,21 +285,25 @@ pub fn spawn(
             last_error: None,
             resync: ResyncStatus::default(),
             resync_started: None,
+            verify: VerifyStatus::default(),
         }),
+        channel: Mutex::new(None),
         wanted: watch::channel(true).0,
-        kick: tokio::sync::Notify::new(),
+        kick: Notify::new(),
+        verify_wanted: Notify::new(),
+        resync_rate_max_bytes_per_s: config.resync_rate_max_bytes_per_s,
     });
-    let manager = Manager {
+    let manager = Arc::new(Manager {
         peer: peer.clone(),
         volume,
         my_name: me.name.clone(),
         peer_name: peer_config.name.clone(),
         connects: me.name < peer_config.name,
-        my_address: me.links[0],
-        peer_address: peer_config.links[0],
+        my_links: me.links.clone(),
+        peer_links: peer_config.links.clone(),
         secret: config.secret.clone(),
         timeout: config.timeout,
-    };
+    });
     tokio::spawn(manager.run(stop));
     peer
 }
@@ -305,30 +314,51 @@ struct Manager {
     my_name: String,
     peer_name: String,
     connects: bool,
-    my_address: SocketAddr,
-    peer_address: SocketAddr,
+    my_links: Vec<SocketAddr>,
+    peer_links: Vec<SocketAddr>,
     secret: Option<String>,
     timeout: Duration,
 }
 
+/// A link connection that has passed its handshake.
+struct Arrival {
+    index: usize,
+    reader: FrameReader,
+    writer: BufWriter<OwnedWriteHalf>,
+    local: Hello,
+    remote: Hello,
+}
+
 impl Manager {
-    async fn run(self, mut stop: watch::Receiver<bool>) {
-        let listener = if self.connects {
-            None
-        } else {
-            match TcpListener::bind(self.my_address).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    let message = format!("cannot listen on link {}: {e}", self.my_address);
-                    tracing::error!("{message}");
-                    self.peer.set(|s| {
-                        s.connection = ConnectionState::StandAlone;
-                        s.last_error = Some(message);
-                    });
-                    return;
-                }
+    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        // The listening side accepts on every link at once; connections
+        // arrive here after their handshake.
+        let mut arrivals = None;
+        let mut _acceptors = Vec::new();
+        if !self.connects {
+            let (tx, rx) = mpsc::channel(ARRIVALS_QUEUED_MAX);
+            for (index, address) in self.my_links.iter().enumerate() {
+                let listener = match TcpListener::bind(address).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let message = format!("cannot listen on link {index} ({address}): {e}");
+                        tracing::error!("{message}");
+                        self.peer.set(|s| {
+                            s.connection = ConnectionState::StandAlone;
+                            s.last_error = Some(message);
+                        });
+                        return;
+                    }
+                };
+                _acceptors.push(AbortOnDrop(tokio::spawn(self.clone().accept_link(
+                    index,
+                    listener,
+                    tx.clone(),
+                ))));
             }
-        };
+            arrivals = Some(rx);
+        }
+        let mut carried: Option<Arrival> = None;
         let mut delay = RECONNECT_DELAY_MIN;
         let mut wanted = self.peer.wanted.subscribe();
         loop {
@@ -346,14 +376,13 @@ impl Manager {
                 self.peer
                     .set(|s| s.connection = ConnectionState::Connecting);
                 delay = RECONNECT_DELAY_MIN;
+                carried = None;
             }
             let attempt = async {
-                let stream = match &listener {
-                    Some(l) => l.accept().await?.0,
-                    None => TcpStream::connect(self.peer_address).await?,
-                };
-                stream.set_nodelay(true)?;
-                self.session(stream).await
+                match arrivals.as_mut() {
+                    None => self.connector_session().await,
+                    Some(arrivals) => self.acceptor_session(arrivals, &mut carried).await,
+                }
             };
             let outcome = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
@@ -362,6 +391,9 @@ impl Manager {
                 outcome = attempt => outcome,
             };
             self.volume.set_link(None);
+            if let Some(channel) = self.peer.channel.lock().unwrap().take() {
+                channel.close("session ended");
+            }
             let retry_after = match &outcome {
                 Err(PeerError::Refused(reason)) => {
                     tracing::error!(peer = self.peer_name, "{reason}");
@@ -372,8 +404,12 @@ impl Manager {
                     tracing::info!(peer = self.peer_name, "waiting: {reason}");
                     delay
                 }
+                Err(PeerError::Superseded) => {
+                    tracing::info!(peer = self.peer_name, "the peer opened a new session");
+                    Duration::ZERO
+                }
                 Err(e) => {
-                    tracing::warn!(peer = self.peer_name, error = %e, "link to the peer lost");
+                    tracing::warn!(peer = self.peer_name, error = %e, "connection to the peer lost");
                     delay
                 }
                 Ok(()) => delay,
@@ -383,8 +419,10 @@ impl Manager {
                 s.replication = ReplicationState::Off;
                 s.peer_role = None;
                 s.peer_disk_state = None;
-                if let Err(e) = &outcome {
-                    s.last_error = Some(e.to_string());
+                s.verify.running = false;
+                match &outcome {
+                    Err(PeerError::Superseded) | Ok(()) => {}
+                    Err(e) => s.last_error = Some(e.to_string()),
                 }
             });
             tokio::select! {
@@ -396,8 +434,68 @@ impl Manager {
         }
     }
 
-    /// One connection, from handshake to loss.
-    async fn session(&self, stream: TcpStream) -> Result<(), PeerError> {
+    /// Accepts connections on link `index` and hands them on after their
+    /// handshake; refuses them while the operator wants no connection.
+    async fn accept_link(
+        self: Arc<Self>,
+        index: usize,
+        listener: TcpListener,
+        arrivals: mpsc::Sender<Arrival>,
+    ) {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(link = index, error = %e, "accepting a link connection failed");
+                    tokio::time::sleep(RECONNECT_DELAY_MIN).await;
+                    continue;
+                }
+            };
+            if !*self.peer.wanted.borrow() {
+                continue;
+            }
+            let (me, arrivals) = (self.clone(), arrivals.clone());
+            tokio::spawn(async move {
+                match me.link_handshake(index, stream, 0, false).await {
+                    Ok(arrival) => {
+                        let _ = arrivals.send(arrival).await;
+                    }
+                    Err(PeerError::Refused(reason)) => {
+                        tracing::error!(link = index, "{reason}");
+                        me.peer.set(|s| s.last_error = Some(reason));
+                    }
+                    Err(e) => tracing::debug!(link = index, error = %e, "link handshake failed"),
+                }
+            });
+        }
+    }
+
+    /// Connects link `index` from this node's own address for it, so the
+    /// traffic takes that link's path.
+    async fn dial(&self, index: usize) -> Result<TcpStream, PeerError> {
+        let to = self.peer_links[index];
+        let socket = if to.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(self.my_links[index].ip(), 0))?;
+        tokio::time::timeout(self.timeout, socket.connect(to))
+            .await
+            .map_err(|_| PeerError::Timeout(self.timeout))?
+            .map_err(PeerError::Io)
+    }
+
+    /// Exchanges Hellos (and proofs of the secret) on a new link connection.
+    /// `session` and `join` say which session the connecting side means.
+    async fn link_handshake(
+        &self,
+        index: usize,
+        stream: TcpStream,
+        session: u64,
+        join: bool,
+    ) -> Result<Arrival, PeerError> {
+        stream.set_nodelay(true)?;
         let (read_half, write_half) = stream.into_split();
         let mut reader = FrameReader {
             inner: BufReader::with_capacity(256 * 1024, read_half),
@@ -405,9 +503,11 @@ impl Manager {
             volume_uuid: None,
         };
         let mut writer = BufWriter::with_capacity(256 * 1024, write_half);
-
-        // Identity and volume.
-        let local = self.volume.hello(0);
+        let mut local = self.volume.hello(index as u8);
+        local.session = session;
+        if join {
+            local.flags |= HELLO_FLAG_JOIN;
+        }
         write_frame(
             &mut writer,
             &Message::Hello(local.clone()),
@@ -417,33 +517,109 @@ impl Manager {
         let Message::Hello(remote) = reader.next().await? else {
             return Err(PeerError::Wire("expected Hello".into()));
         };
+        if remote.node_name != self.peer_name {
+            return Err(PeerError::Refused(format!(
+                "peer at link {index} says it is node {:?}, expected {:?}",
+                remote.node_name, self.peer_name
+            )));
+        }
+        if usize::from(remote.link_index) != index {
+            return Err(PeerError::Refused(format!(
+                "the peer's link {} reached this node's link {index}: are the links crossed in the config?",
+                remote.link_index
+            )));
+        }
         if let Some(secret) = &self.secret {
-            self.authenticate(
+            authenticate(
                 &mut reader,
                 &mut writer,
                 secret.as_bytes(),
+                &self.my_name,
                 &remote,
                 local.volume_uuid,
             )
             .await?;
         }
-        let volume_uuid = self.check_hello(&local, &remote)?;
-        reader.volume_uuid = Some(volume_uuid);
-        let decision = self.decide(&local, &remote)?;
-        tracing::info!(peer = self.peer_name, ?decision, "connected");
+        Ok(Arrival {
+            index,
+            reader,
+            writer,
+            local,
+            remote,
+        })
+    }
 
-        // From here on frames go through the writer task.
-        let (out, out_rx) = mpsc::channel(OUTGOING_QUEUE_MAX);
-        let link = Arc::new(LinkTx {
-            out,
-            pending: Mutex::new(HashMap::new()),
-            next_seq: AtomicU64::new(1),
-            volume_uuid,
-        });
-        // Tied to this session: gone with it, however it ends (even when the
-        // session itself is dropped by `disconnect`).
-        let _writer_task = AbortOnDrop(tokio::spawn(write_frames(writer, out_rx)));
-        let _pinger = AbortOnDrop(tokio::spawn(ping(link.clone(), self.timeout / 3)));
+    /// The connecting side: the first link to answer opens a new session.
+    async fn connector_session(self: &Arc<Self>) -> Result<(), PeerError> {
+        let session = blkmirror_metadata::fresh_generation().max(1);
+        let mut dials = tokio::task::JoinSet::new();
+        for index in 0..self.peer_links.len() {
+            let me = self.clone();
+            dials.spawn(async move { (index, me.dial(index).await) });
+        }
+        let mut failure = None;
+        let (index, stream) = loop {
+            match dials.join_next().await {
+                Some(Ok((index, Ok(stream)))) => break (index, stream),
+                Some(Ok((_, Err(e)))) => failure = Some(e),
+                Some(Err(_)) => {}
+                None => return Err(failure.expect("at least one link")),
+            }
+        };
+        drop(dials);
+        let first = self.link_handshake(index, stream, session, false).await?;
+        self.session(first, session, None).await
+    }
+
+    /// The listening side: waits for a connection that opens a session.
+    async fn acceptor_session(
+        self: &Arc<Self>,
+        arrivals: &mut mpsc::Receiver<Arrival>,
+        carried: &mut Option<Arrival>,
+    ) -> Result<(), PeerError> {
+        let first = loop {
+            let arrival = match carried.take() {
+                Some(arrival) => arrival,
+                None => arrivals
+                    .recv()
+                    .await
+                    .expect("acceptors live as long as the manager"),
+            };
+            if arrival.remote.flags & HELLO_FLAG_JOIN == 0 {
+                break arrival;
+            }
+            tracing::debug!(
+                link = arrival.index,
+                "a link joined a session that is gone; dropped"
+            );
+        };
+        let session = first.remote.session;
+        self.session(first, session, Some((arrivals, carried)))
+            .await
+    }
+
+    /// One session, from the handshake on its first link until every link
+    /// is lost (or the peer opens another).
+    async fn session(
+        self: &Arc<Self>,
+        mut first: Arrival,
+        session: u64,
+        arrivals: Option<(&mut mpsc::Receiver<Arrival>, &mut Option<Arrival>)>,
+    ) -> Result<(), PeerError> {
+        let volume_uuid = self.check_hello(&first.local, &first.remote)?;
+        let decision = self.decide(&first.local, &first.remote)?;
+        tracing::info!(
+            peer = self.peer_name,
+            link = first.index,
+            ?decision,
+            "connected"
+        );
+        let (channel, inbox) = Channel::new(volume_uuid, self.timeout);
+        let _close = CloseOnDrop(channel.clone());
+        first.reader.volume_uuid = Some(volume_uuid);
+        channel.attach(first.index, first.reader, first.writer);
+        *self.peer.channel.lock().unwrap() = Some(channel.clone());
+        let remote = &first.remote;
         self.peer.set(|s| {
             s.connection = ConnectionState::Connected;
             s.peer_role = Some(if remote.flags & Flags::PRIMARY.bits() != 0 {
@@ -458,48 +634,82 @@ impl Manager {
             s.last_error = None;
             s.resync = ResyncStatus::default();
         });
-        let _fail_waiters = FailOnDrop(link.clone());
-        self.connected(&mut reader, &link, decision).await
+        // The connecting side keeps every link of the session up.
+        let _keepers: Vec<_> = if self.connects {
+            (0..self.peer_links.len())
+                .map(|index| {
+                    AbortOnDrop(tokio::spawn(self.clone().keep_link(
+                        index,
+                        channel.clone(),
+                        session,
+                    )))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let run = self.connected(inbox, &channel, decision);
+        let Some((arrivals, carried)) = arrivals else {
+            return run.await;
+        };
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                outcome = &mut run => return outcome,
+                arrival = arrivals.recv() => {
+                    let mut arrival = arrival.expect("acceptors live as long as the manager");
+                    if arrival.remote.flags & HELLO_FLAG_JOIN == 0 {
+                        *carried = Some(arrival);
+                        return Err(PeerError::Superseded);
+                    }
+                    if arrival.remote.session != session
+                        || arrival.remote.volume_uuid != volume_uuid
+                    {
+                        tracing::debug!(link = arrival.index, "a link of another session; dropped");
+                        continue;
+                    }
+                    arrival.reader.volume_uuid = Some(volume_uuid);
+                    channel.attach(arrival.index, arrival.reader, arrival.writer);
+                }
+            }
+        }
     }
 
-    async fn authenticate(
-        &self,
-        reader: &mut FrameReader,
-        writer: &mut BufWriter<OwnedWriteHalf>,
-        secret: &[u8],
-        remote: &Hello,
-        uuid: [u8; 16],
-    ) -> Result<(), PeerError> {
-        let nonce: [u8; NONCE_BYTES] = rand_nonce();
-        write_frame(writer, &Message::AuthChallenge { nonce }, uuid).await?;
-        let Message::AuthChallenge { nonce: theirs } = reader.next().await? else {
-            return Err(PeerError::Refused(format!(
-                "peer {} did not authenticate (is `secret` set on both nodes?)",
-                remote.node_name
-            )));
-        };
-        let mac = auth::respond(secret, &theirs, &self.my_name);
-        write_frame(writer, &Message::AuthResponse { mac }, uuid).await?;
-        let Message::AuthResponse { mac } = reader.next().await? else {
-            return Err(PeerError::Wire("expected AuthResponse".into()));
-        };
-        if !auth::verify(secret, &nonce, &remote.node_name, &mac) {
-            return Err(PeerError::Refused(format!(
-                "peer {} failed authentication: wrong secret; connection refused",
-                remote.node_name
-            )));
+    /// Brings link `index` of the session back whenever it is down.
+    async fn keep_link(self: Arc<Self>, index: usize, channel: Arc<Channel>, session: u64) {
+        let mut links_up = channel.links_up();
+        let mut delay = RECONNECT_DELAY_MIN;
+        loop {
+            if links_up.borrow_and_update()[index] {
+                if links_up.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            if channel.is_closed() {
+                return;
+            }
+            let joined = async {
+                let stream = self.dial(index).await?;
+                self.link_handshake(index, stream, session, true).await
+            };
+            match joined.await {
+                Ok(mut arrival) if arrival.remote.volume_uuid == channel.volume_uuid() => {
+                    arrival.reader.volume_uuid = Some(channel.volume_uuid());
+                    channel.attach(index, arrival.reader, arrival.writer);
+                    delay = RECONNECT_DELAY_MIN;
+                    continue;
+                }
+                Ok(_) => tracing::warn!(link = index, "the peer changed volumes; link not joined"),
+                Err(e) => tracing::debug!(link = index, error = %e, "link not up yet"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RECONNECT_DELAY_MAX);
         }
-        Ok(())
     }
 
     /// Checks who the peer is and agrees on the volume UUID.
     fn check_hello(&self, local: &Hello, remote: &Hello) -> Result<[u8; 16], PeerError> {
-        if remote.node_name != self.peer_name {
-            return Err(PeerError::Refused(format!(
-                "peer at {} says it is node {:?}, expected {:?}",
-                self.peer_address, remote.node_name, self.peer_name
-            )));
-        }
         if remote.data_size != local.data_size {
             return Err(PeerError::Refused(format!(
                 "peer {} has {} bytes of data, this node {}: the disks must be the same size",
@@ -587,8 +797,8 @@ impl Manager {
 
     async fn connected(
         &self,
-        reader: &mut FrameReader,
-        link: &Arc<LinkTx>,
+        mut inbox: channel::Inbox,
+        link: &Arc<Channel>,
         decision: SyncDecision,
     ) -> Result<(), PeerError> {
         let volume = &self.volume;
@@ -602,7 +812,7 @@ impl Manager {
                         "writes raced the handshake; reconnecting to resync them".into(),
                     ));
                 }
-                self.serve(reader, link, None).await
+                self.serve(&mut inbox, link, None).await
             }
             SyncDecision::SourceDifferential | SyncDecision::SourceFull => {
                 if decision == SyncDecision::SourceFull {
@@ -610,7 +820,7 @@ impl Manager {
                 }
                 // The target first says what it lacks on its side, then its state.
                 loop {
-                    match reader.next().await? {
+                    match inbox.next().await?.1 {
                         Message::ResyncRequest { offset, len, .. } => {
                             volume.mark_out_of_sync(offset, u64::from(len))
                         }
@@ -629,20 +839,20 @@ impl Manager {
                     s.resync_started = Some(Instant::now());
                 });
                 let (done_tx, done_rx) = oneshot::channel();
-                let _source = AbortOnDrop(tokio::spawn(resync_source(
+                let _source = AbortOnDrop(tokio::spawn(resync::resync_source(
                     volume.clone(),
                     link.clone(),
                     self.peer.clone(),
                     decision == SyncDecision::SourceFull,
                     done_tx,
                 )));
-                self.serve(reader, link, Some(done_rx)).await
+                self.serve(&mut inbox, link, Some(done_rx)).await
             }
             SyncDecision::TargetDifferential | SyncDecision::TargetFull => {
                 volume.begin_sync_target().await?;
                 if decision == SyncDecision::TargetDifferential {
                     for (offset, len) in volume.dirty_runs() {
-                        for (chunk_offset, chunk_len) in chunks(offset, len) {
+                        for (chunk_offset, chunk_len) in resync::chunks(offset, len) {
                             link.send(&Message::ResyncRequest {
                                 offset: chunk_offset,
                                 len: chunk_len as u32,
@@ -662,13 +872,13 @@ impl Manager {
                 .map_err(|_| PeerError::Wire("link closed".into()))?;
                 self.peer
                     .set(|s| s.replication = ReplicationState::SyncTarget);
-                self.serve(reader, link, None).await
+                self.serve(&mut inbox, link, None).await
             }
             _ => unreachable!("refusals returned by decide"),
         }
     }
 
-    fn established(&self, link: &Arc<LinkTx>) {
+    fn established(&self, link: &Arc<Channel>) {
         self.volume.set_link(Some(link.clone()));
         self.peer.set(|s| {
             s.replication = ReplicationState::Established;
@@ -680,15 +890,24 @@ impl Manager {
     /// Handles incoming messages until the link fails.
     async fn serve(
         &self,
-        reader: &mut FrameReader,
-        link: &Arc<LinkTx>,
+        inbox: &mut channel::Inbox,
+        link: &Arc<Channel>,
         mut resync_done: Option<oneshot::Receiver<Result<(), String>>>,
     ) -> Result<(), PeerError> {
         // Incoming writes are applied concurrently, in arrival order per range.
-        let applying = Arc::new(Semaphore::new(APPLYING_MAX));
+        let applying = Arc::new(Semaphore::new(APPLYING_MAX as usize));
+        let mut _verifying = None;
         loop {
             let (seq, message) = tokio::select! {
-                message = reader.next_with_seq() => message?,
+                message = inbox.next() => message?,
+                _ = self.peer.verify_wanted.notified() => {
+                    _verifying = Some(AbortOnDrop(tokio::spawn(verify(
+                        self.volume.clone(),
+                        link.clone(),
+                        self.peer.clone(),
+                    ))));
+                    continue;
+                }
                 done = async { resync_done.as_mut().unwrap().await }, if resync_done.is_some() => {
                     resync_done = None;
                     match done {
@@ -700,11 +919,19 @@ impl Manager {
             };
             match message {
                 Message::Write {
-                    seq,
                     offset,
                     flags,
                     data,
                 } => {
+                    if flags & WRITE_FLAG_ACK_RECEIVED != 0 {
+                        let _ = link
+                            .send(&Message::Ack {
+                                seq,
+                                kind: AckKind::Received,
+                                errno: 0,
+                            })
+                            .await;
+                    }
                     self.apply(link, &applying, seq, offset, data, flags)
                         .await?
                 }
@@ -731,9 +958,18 @@ impl Manager {
                             .await;
                     });
                 }
-                Message::Ack { seq, errno, .. } => link.answer(seq, errno),
-                Message::BarrierAck { epoch } => link.answer(epoch, 0),
-                Message::Barrier { epoch } => {
+                Message::Ack { seq, kind, errno } => link.answer(seq, kind, errno),
+                Message::Barrier { .. } => {
+                    // Every write before the barrier is on disk before the
+                    // flush starts (with protocols A and B the primary does
+                    // not wait for them before its flush).
+                    drop(
+                        applying
+                            .clone()
+                            .acquire_many_owned(APPLYING_MAX)
+                            .await
+                            .expect("never closed"),
+                    );
                     let volume = self.volume.clone();
                     let link = link.clone();
                     tokio::spawn(async move {
@@ -743,17 +979,13 @@ impl Manager {
                         };
                         let _ = link
                             .send(&Message::Ack {
-                                seq: epoch,
+                                seq,
                                 kind: AckKind::Written,
                                 errno,
                             })
                             .await;
                     });
                 }
-                // Never block the reader on the outgoing queue: if it is full,
-                // the data in it shows the peer we are alive anyway.
-                Message::Ping { token } => link.try_send(&Message::Pong { token }),
-                Message::Pong { .. } => {}
                 Message::State { role, .. } => self.peer.set(|s| {
                     s.peer_role = Some(if role == 1 {
                         Role::Primary
@@ -774,7 +1006,7 @@ impl Manager {
     /// taken now, in arrival order; the disk write runs concurrently.
     async fn apply(
         &self,
-        link: &Arc<LinkTx>,
+        link: &Arc<Channel>,
         applying: &Arc<Semaphore>,
         seq: u64,
         offset: u64,
@@ -822,8 +1054,37 @@ impl Manager {
     }
 }
 
-/// Replicated writes being applied at once on this node.
-const APPLYING_MAX: usize = 128;
+/// The HMAC-SHA256 challenge-response: each side proves it holds the
+/// secret without sending it.
+async fn authenticate(
+    reader: &mut FrameReader,
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    secret: &[u8],
+    my_name: &str,
+    remote: &Hello,
+    uuid: [u8; 16],
+) -> Result<(), PeerError> {
+    let nonce: [u8; NONCE_BYTES] = rand_nonce();
+    write_frame(writer, &Message::AuthChallenge { nonce }, uuid).await?;
+    let Message::AuthChallenge { nonce: theirs } = reader.next().await? else {
+        return Err(PeerError::Refused(format!(
+            "peer {} did not authenticate (is `secret` set on both nodes?)",
+            remote.node_name
+        )));
+    };
+    let mac = auth::respond(secret, &theirs, my_name);
+    write_frame(writer, &Message::AuthResponse { mac }, uuid).await?;
+    let Message::AuthResponse { mac } = reader.next().await? else {
+        return Err(PeerError::Wire("expected AuthResponse".into()));
+    };
+    if !auth::verify(secret, &nonce, &remote.node_name, &mac) {
+        return Err(PeerError::Refused(format!(
+            "peer {} failed authentication: wrong secret; connection refused",
+            remote.node_name
+        )));
+    }
+    Ok(())
+}
 
 /// Aborts a task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -834,17 +1095,39 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// Fails every waiter of a link when its session ends.
-struct FailOnDrop(Arc<LinkTx>);
+/// Closes a session's channel however the session ends (even when it is
+/// dropped by `disconnect`): its waiters hear `Lost`, its links close.
+struct CloseOnDrop(Arc<Channel>);
 
-impl Drop for FailOnDrop {
+impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.fail_all();
+        self.0.close("session ended");
     }
 }
 
-/// A flag in Hello: this side's bitmap is not empty.
-pub const HELLO_FLAG_DIRTY: u32 = 1 << 31;
+/// Runs a verify and reports it; differing ranges are resynced at once,
+/// through a fresh handshake that sees them marked.
+async fn verify(volume: Arc<Volume>, link: Arc<Channel>, peer: Arc<Peer>) {
+    peer.set(|s| s.verify.total_bytes = volume.data_size());
+    tracing::info!("verify started");
+    let result = resync::verify(volume, link, peer.clone()).await;
+    peer.set(|s| {
+        s.verify.running = false;
+        s.verify.finished = true;
+        s.verify.error = result.as_ref().err().cloned();
+    });
+    match result {
+        Ok(0) => tracing::info!("verify complete: the replicas are identical"),
+        Ok(differing_bytes) => {
+            tracing::warn!(
+                differing_bytes,
+                "verify complete: ranges differ; they are marked out of sync and resync now"
+            );
+            peer.reconnect();
+        }
+        Err(e) => tracing::warn!(error = e, "verify stopped"),
+    }
+}
 
 /// A fresh random challenge (generation identifiers come from the same
 /// random source).
@@ -854,188 +1137,6 @@ fn rand_nonce() -> [u8; NONCE_BYTES] {
         chunk.copy_from_slice(&blkmirror_metadata::fresh_generation().to_le_bytes());
     }
     nonce
-}
-
-/// Copies one chunk to the peer and marks it in sync once confirmed.
-async fn resync_chunk(
-    volume: &Volume,
-    link: &LinkTx,
-    peer: &Peer,
-    offset: u64,
-    len: u64,
-    checksum_first: bool,
-) -> Result<(), String> {
-    let lost = || "link lost during resync".to_string();
-    // Reading and queueing under the range gate orders this chunk before
-    // any application write to the same range.
-    let (guard, data) = volume
-        .read_for_resync(offset, len)
-        .await
-        .map_err(|e| e.to_string())?;
-    // An all-zero chunk travels as a zeroing command, not as data: a new or
-    // mostly empty disk rebuilds at little cost. In a full copy onto a disk
-    // that may already be mostly right, only the checksum goes first.
-    let mut kind = if is_zero(&data) {
-        ChunkKind::Zero
-    } else if checksum_first {
-        ChunkKind::Checksum
-    } else {
-        ChunkKind::Data
-    };
-    let ack = match kind {
-        ChunkKind::Zero => {
-            link.enqueue(|seq| Message::Write {
-                seq,
-                offset,
-                flags: WRITE_FLAG_ZERO,
-                data: len.to_le_bytes().to_vec(),
-            })
-            .await
-        }
-        ChunkKind::Checksum => {
-            link.enqueue(|_| Message::ResyncChecksum {
-                offset,
-                len: len as u32,
-                crc: crc32c::crc32c(&data),
-            })
-            .await
-        }
-        ChunkKind::Data => {
-            link.enqueue(|_| Message::ResyncData {
-                offset,
-                data: data.to_vec(),
-            })
-            .await
-        }
-    };
-    drop(guard);
-    let mut answer = ack.map_err(|Lost| lost())?.await.map_err(|_| lost())?;
-    if kind == ChunkKind::Checksum && answer == CHECKSUM_DIFFERS {
-        // It differs after all: send the data, read afresh under the gate.
-        let (guard, data) = volume
-            .read_for_resync(offset, len)
-            .await
-            .map_err(|e| e.to_string())?;
-        let rx = link
-            .enqueue(|_| Message::ResyncData {
-                offset,
-                data: data.to_vec(),
-            })
-            .await
-            .map_err(|Lost| lost())?;
-        drop(guard);
-        answer = rx.await.map_err(|_| lost())?;
-        kind = ChunkKind::Data;
-    }
-    if answer != 0 {
-        return Err(format!(
-            "peer failed to write resync data at {offset}: errno {answer}"
-        ));
-    }
-    volume.mark_in_sync(offset, len);
-    peer.progress(len, kind);
-    Ok(())
-}
-
-/// How a resync chunk travelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ChunkKind {
-    Data,
-    Zero,
-    /// Only its checksum, and it matched.
-    Checksum,
-}
-
-/// The answer to a ResyncChecksum whose chunk differs on the target.
-const CHECKSUM_DIFFERS: u32 = u32::MAX;
-
-/// True when every byte is zero (checked eight bytes at a time).
-fn is_zero(data: &[u8]) -> bool {
-    let mut words = data.chunks_exact(8);
-    words
-        .by_ref()
-        .all(|w| u64::from_ne_bytes(w.try_into().expect("eight bytes")) == 0)
-        && words.remainder().iter().all(|&b| b == 0)
-}
-
-/// Splits a byte range into resync chunks.
-fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
-    let end = offset + len;
-    (offset..end)
-        .step_by(RESYNC_CHUNK_BYTES as usize)
-        .map(move |o| (o, (end - o).min(RESYNC_CHUNK_BYTES)))
-}
-
-/// Streams every out-of-sync range to the peer, clearing each as it is
-/// acknowledged, then tells the peer it is done.
-async fn resync_source(
-    volume: Arc<Volume>,
-    link: Arc<LinkTx>,
-    peer: Arc<Peer>,
-    checksum_first: bool,
-    done: oneshot::Sender<Result<(), String>>,
-) {
-    let window = Arc::new(Semaphore::new(RESYNC_WINDOW));
-    let mut acks = tokio::task::JoinSet::new();
-    let result: Result<(), String> = async {
-        // Rounds until nothing is left: a write that raced the start of the
-        // resync (marked after the first snapshot) is picked up next round.
-        loop {
-            let runs = volume.dirty_runs();
-            if runs.is_empty() {
-                break;
-            }
-            for (offset, len) in runs {
-                for (chunk_offset, chunk_len) in chunks(offset, len) {
-                    let permit = window.clone().acquire_owned().await.expect("never closed");
-                    while let Some(joined) = acks.try_join_next() {
-                        joined.map_err(|e| e.to_string())??;
-                    }
-                    let (volume, peer, link) = (volume.clone(), peer.clone(), link.clone());
-                    // Each chunk in its own task: reads overlap with sending.
-                    acks.spawn(async move {
-                        let _permit = permit;
-                        resync_chunk(
-                            &volume,
-                            &link,
-                            &peer,
-                            chunk_offset,
-                            chunk_len,
-                            checksum_first,
-                        )
-                        .await
-                    });
-                }
-            }
-            while let Some(joined) = acks.join_next().await {
-                joined.map_err(|e| e.to_string())??;
-            }
-        }
-        while let Some(joined) = acks.join_next().await {
-            joined.map_err(|e| e.to_string())??;
-        }
-        let current = volume
-            .finish_sync_source()
-            .await
-            .map_err(|e| e.to_string())?;
-        link.send(&Message::ResyncDone { current })
-            .await
-            .map_err(|_| "link lost".to_string())?;
-        Ok(())
-    }
-    .await;
-    let _ = done.send(result);
-}
-
-async fn ping(link: Arc<LinkTx>, every: Duration) {
-    let mut token = 0u64;
-    loop {
-        tokio::time::sleep(every).await;
-        token += 1;
-        if link.send(&Message::Ping { token }).await.is_err() {
-            return;
-        }
-    }
 }
 
 async fn write_frame(
@@ -1050,21 +1151,7 @@ async fn write_frame(
     Ok(())
 }
 
-async fn write_frames(
-    mut writer: BufWriter<OwnedWriteHalf>,
-    mut frames: mpsc::Receiver<Vec<u8>>,
-) -> std::io::Result<()> {
-    while let Some(frame) = frames.recv().await {
-        writer.write_all(&frame).await?;
-        while let Ok(frame) = frames.try_recv() {
-            writer.write_all(&frame).await?;
-        }
-        writer.flush().await?;
-    }
-    Ok(())
-}
-
-struct FrameReader {
+pub(crate) struct FrameReader {
     inner: BufReader<OwnedReadHalf>,
     timeout: Duration,
     /// Once agreed, every frame must carry it.

@@ -1,0 +1,514 @@
+//! The channel to the peer over one or two links.
+//!
+//! Every sequenced frame goes out on the least-queued live link and is kept
+//! until the peer says it has taken it in order (`Received`). When a link
+//! dies, whatever it carried unconfirmed goes again on a live one, so losing
+//! one of two links loses nothing. The receiving side restores order by
+//! sequence number and drops what it already has. Frames with sequence 0
+//! (handshake, ping, `Received`) belong to one link and are never resent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blkmirror_proto::{AckKind, Message};
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+
+use super::{AbortOnDrop, FrameReader, PeerError};
+
+/// Links a node may have to its peer.
+pub const LINKS_MAX: usize = 2;
+/// Bytes sent but not yet confirmed as received, over all links: bounds the
+/// memory kept for resending and the receiver's reordering.
+const UNCONFIRMED_BYTES_MAX: usize = 64 << 20;
+/// The unit in which the unconfirmed bytes are counted.
+const WINDOW_UNIT_BYTES: usize = 4096;
+const WINDOW_UNITS: usize = UNCONFIRMED_BYTES_MAX / WINDOW_UNIT_BYTES;
+const _: () = assert!(
+    blkmirror_proto::PAYLOAD_MAX_BYTES as usize + blkmirror_proto::HEADER_BYTES
+        <= UNCONFIRMED_BYTES_MAX
+);
+/// Frames the receiver holds out of order before it calls the peer broken
+/// (the sender's window keeps an honest peer far below this).
+const REORDER_FRAMES_MAX: usize = 1 << 17;
+/// How often the receiver confirms what it has taken.
+const RECEIVED_INTERVAL: Duration = Duration::from_millis(5);
+
+/// The peer did not confirm: the channel went away first.
+#[derive(Debug)]
+pub struct Lost;
+
+/// Whoever waits for the peer's answer to one sequenced frame.
+struct Waiter {
+    /// Told when the peer has the frame (protocol B).
+    received: Option<oneshot::Sender<()>>,
+    /// Told the peer's final answer: its errno, 0 for success.
+    written: oneshot::Sender<u32>,
+}
+
+/// The peer's answers to one frame.
+pub struct Reply {
+    received: Option<oneshot::Receiver<()>>,
+    written: oneshot::Receiver<u32>,
+}
+
+impl Reply {
+    /// The peer has received the frame (asked for with `enqueue_received`).
+    pub async fn received(&mut self) -> Result<(), Lost> {
+        match self.received.take() {
+            Some(rx) => rx.await.map_err(|_| Lost),
+            None => Ok(()),
+        }
+    }
+
+    /// The peer's final answer: 0, or its errno.
+    pub async fn written(self) -> Result<u32, Lost> {
+        self.written.await.map_err(|_| Lost)
+    }
+}
+
+struct Unconfirmed {
+    frame: Bytes,
+    link: usize,
+    _window: OwnedSemaphorePermit,
+}
+
+/// One live link: its queue to the socket and the tasks that serve it.
+struct LinkSlot {
+    /// Tells a stale task from one of the current connection.
+    generation: u64,
+    queue: mpsc::UnboundedSender<Bytes>,
+    queued_bytes: Arc<AtomicUsize>,
+    _tasks: Vec<AbortOnDrop<()>>,
+}
+
+struct SendState {
+    next_seq: u64,
+    unconfirmed: BTreeMap<u64, Unconfirmed>,
+    links: [Option<LinkSlot>; LINKS_MAX],
+    next_generation: u64,
+    closed: bool,
+}
+
+pub struct Channel {
+    volume_uuid: [u8; 16],
+    timeout: Duration,
+    send: Mutex<SendState>,
+    window: Arc<Semaphore>,
+    pending: Mutex<HashMap<u64, Waiter>>,
+    incoming: mpsc::UnboundedSender<(u64, Message)>,
+    /// Highest sequence number taken in order, and the last one confirmed.
+    taken: AtomicU64,
+    confirmed: AtomicU64,
+    /// Which links are up; all false once the channel is closed.
+    links_up: watch::Sender<[bool; LINKS_MAX]>,
+    closed: watch::Sender<Option<String>>,
+    epoch: AtomicU64,
+}
+
+/// The receiving end: sequenced messages in order.
+pub struct Inbox {
+    channel: Arc<Channel>,
+    incoming: mpsc::UnboundedReceiver<(u64, Message)>,
+    next: u64,
+    early: BTreeMap<u64, Message>,
+    closed: watch::Receiver<Option<String>>,
+}
+
+impl Channel {
+    pub fn new(volume_uuid: [u8; 16], timeout: Duration) -> (Arc<Channel>, Inbox) {
+        let (incoming, incoming_rx) = mpsc::unbounded_channel();
+        let channel = Arc::new(Channel {
+            volume_uuid,
+            timeout,
+            send: Mutex::new(SendState {
+                next_seq: 1,
+                unconfirmed: BTreeMap::new(),
+                links: [None, None],
+                next_generation: 1,
+                closed: false,
+            }),
+            window: Arc::new(Semaphore::new(WINDOW_UNITS)),
+            pending: Mutex::new(HashMap::new()),
+            incoming,
+            taken: AtomicU64::new(0),
+            confirmed: AtomicU64::new(0),
+            links_up: watch::channel([false; LINKS_MAX]).0,
+            closed: watch::channel(None).0,
+            epoch: AtomicU64::new(0),
+        });
+        let inbox = Inbox {
+            channel: channel.clone(),
+            incoming: incoming_rx,
+            next: 1,
+            early: BTreeMap::new(),
+            closed: channel.closed.subscribe(),
+        };
+        (channel, inbox)
+    }
+
+    pub fn volume_uuid(&self) -> [u8; 16] {
+        self.volume_uuid
+    }
+
+    /// A fresh epoch number for a barrier.
+    pub fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Sends `message` and waits for the peer's final answer to it.
+    pub async fn request(&self, message: &Message) -> Result<u32, Lost> {
+        self.enqueue(message).await?.written().await
+    }
+
+    /// Queues `message` for an answer. Once this returns, the message is
+    /// ordered before anything queued later.
+    pub async fn enqueue(&self, message: &Message) -> Result<Reply, Lost> {
+        self.push(message, Some(false))
+            .await
+            .map(|r| r.expect("asked"))
+    }
+
+    /// As `enqueue`, and the reply also tells when the peer has received it.
+    pub async fn enqueue_received(&self, message: &Message) -> Result<Reply, Lost> {
+        self.push(message, Some(true))
+            .await
+            .map(|r| r.expect("asked"))
+    }
+
+    /// Sends a sequenced message that needs no answer.
+    pub async fn send(&self, message: &Message) -> Result<(), Lost> {
+        self.push(message, None).await.map(|_| ())
+    }
+
+    async fn push(&self, message: &Message, reply: Option<bool>) -> Result<Option<Reply>, Lost> {
+        let mut frame = blkmirror_proto::encode_frame(message, self.volume_uuid, 0);
+        let units = frame.len().div_ceil(WINDOW_UNIT_BYTES) as u32;
+        let permit = self
+            .window
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| Lost)?;
+        let mut send = self.send.lock().unwrap();
+        if send.closed {
+            return Err(Lost);
+        }
+        let link = least_queued(&send.links).ok_or(Lost)?;
+        let seq = send.next_seq;
+        send.next_seq += 1;
+        blkmirror_proto::stamp_sequence(&mut frame, seq);
+        let frame = Bytes::from(frame);
+        let reply = reply.map(|with_received| {
+            let (written, written_rx) = oneshot::channel();
+            let (received, received_rx) = if with_received {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            self.pending
+                .lock()
+                .unwrap()
+                .insert(seq, Waiter { received, written });
+            Reply {
+                received: received_rx,
+                written: written_rx,
+            }
+        });
+        queue_on(&send.links, link, frame.clone());
+        send.unconfirmed.insert(
+            seq,
+            Unconfirmed {
+                frame,
+                link,
+                _window: permit,
+            },
+        );
+        Ok(reply)
+    }
+
+    /// Routes the peer's answer to frame `seq` to its waiter.
+    pub fn answer(&self, seq: u64, kind: AckKind, errno: u32) {
+        let mut pending = self.pending.lock().unwrap();
+        match kind {
+            AckKind::Received => {
+                if let Some(tx) = pending.get_mut(&seq).and_then(|w| w.received.take()) {
+                    let _ = tx.send(());
+                }
+            }
+            AckKind::Written => {
+                if let Some(waiter) = pending.remove(&seq) {
+                    if let Some(tx) = waiter.received {
+                        let _ = tx.send(());
+                    }
+                    let _ = waiter.written.send(errno);
+                }
+            }
+        }
+    }
+
+    /// The peer has taken every frame up to `upto`: forget them.
+    fn confirm(&self, upto: u64) {
+        let mut send = self.send.lock().unwrap();
+        let keep = send.unconfirmed.split_off(&(upto + 1));
+        send.unconfirmed = keep;
+    }
+
+    /// Which links are up now, and a way to wait for changes.
+    pub fn links_up(&self) -> watch::Receiver<[bool; LINKS_MAX]> {
+        self.links_up.subscribe()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.borrow().is_some()
+    }
+
+    /// Takes an established connection as link `index` (replacing a
+    /// previous one on that index) and starts serving it.
+    pub(crate) fn attach(
+        self: &Arc<Self>,
+        index: usize,
+        reader: FrameReader,
+        writer: BufWriter<OwnedWriteHalf>,
+    ) {
+        let mut send = self.send.lock().unwrap();
+        if send.closed {
+            return;
+        }
+        let generation = send.next_generation;
+        send.next_generation += 1;
+        let (queue, queue_rx) = mpsc::unbounded_channel();
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let tasks = vec![
+            AbortOnDrop(tokio::spawn(self.clone().write_link(
+                index,
+                generation,
+                writer,
+                queue_rx,
+                queued_bytes.clone(),
+            ))),
+            AbortOnDrop(tokio::spawn(
+                self.clone().read_link(index, generation, reader),
+            )),
+            AbortOnDrop(tokio::spawn(self.clone().ping_link(index, generation))),
+        ];
+        send.links[index] = Some(LinkSlot {
+            generation,
+            queue,
+            queued_bytes,
+            _tasks: tasks,
+        });
+        self.links_up
+            .send_replace(std::array::from_fn(|i| send.links[i].is_some()));
+        drop(send);
+        if index > 0 || self.links_up.borrow().iter().filter(|up| **up).count() > 1 {
+            tracing::info!(link = index, "link to the peer is up");
+        }
+    }
+
+    /// Link `index` (of `generation`) failed: what it carried unconfirmed
+    /// goes again on a live link; with none left, the channel closes.
+    fn link_down(&self, index: usize, generation: u64, reason: &str) {
+        let mut send = self.send.lock().unwrap();
+        if send.links[index]
+            .as_ref()
+            .is_none_or(|slot| slot.generation != generation)
+        {
+            return;
+        }
+        let dead = send.links[index].take();
+        self.links_up
+            .send_replace(std::array::from_fn(|i| send.links[i].is_some()));
+        let Some(survivor) = least_queued(&send.links) else {
+            drop(send);
+            self.close(reason);
+            drop(dead);
+            return;
+        };
+        tracing::warn!(
+            link = index,
+            survivor,
+            reason,
+            "link to the peer lost; carrying on over the other link"
+        );
+        let state = &mut *send;
+        let mut resent = 0usize;
+        for entry in state.unconfirmed.values_mut() {
+            if entry.link == index {
+                entry.link = survivor;
+                queue_on(&state.links, survivor, entry.frame.clone());
+                resent += 1;
+            }
+        }
+        tracing::debug!(link = index, resent, "frames sent again");
+        drop(send);
+        // Dropped last: this may be the failing link's own task.
+        drop(dead);
+    }
+
+    /// Ends the channel: every waiter hears `Lost`, every link is dropped.
+    pub fn close(&self, reason: &str) {
+        let links = {
+            let mut send = self.send.lock().unwrap();
+            send.closed = true;
+            send.unconfirmed.clear();
+            std::mem::take(&mut send.links)
+        };
+        self.window.close();
+        self.pending.lock().unwrap().clear();
+        self.links_up.send_replace([false; LINKS_MAX]);
+        self.closed.send_if_modified(|closed| {
+            if closed.is_none() {
+                *closed = Some(reason.to_string());
+                true
+            } else {
+                false
+            }
+        });
+        drop(links);
+    }
+
+    /// Sends an unsequenced frame on link `index` (`None`: the least queued).
+    fn send_unsequenced(&self, index: Option<usize>, message: &Message) {
+        let frame = Bytes::from(blkmirror_proto::encode_frame(message, self.volume_uuid, 0));
+        let send = self.send.lock().unwrap();
+        if let Some(index) = index.or_else(|| least_queued(&send.links)) {
+            queue_on(&send.links, index, frame);
+        }
+    }
+
+    async fn write_link(
+        self: Arc<Self>,
+        index: usize,
+        generation: u64,
+        mut writer: BufWriter<OwnedWriteHalf>,
+        mut queue: mpsc::UnboundedReceiver<Bytes>,
+        queued_bytes: Arc<AtomicUsize>,
+    ) {
+        let result: std::io::Result<()> = async {
+            while let Some(frame) = queue.recv().await {
+                let mut written = frame.len();
+                writer.write_all(&frame).await?;
+                while let Ok(frame) = queue.try_recv() {
+                    written += frame.len();
+                    writer.write_all(&frame).await?;
+                }
+                writer.flush().await?;
+                queued_bytes.fetch_sub(written, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            self.link_down(index, generation, &format!("sending failed: {e}"));
+        }
+    }
+
+    async fn read_link(self: Arc<Self>, index: usize, generation: u64, mut reader: FrameReader) {
+        let reason = loop {
+            match reader.next_with_seq().await {
+                Ok((0, Message::Received { upto })) => self.confirm(upto),
+                Ok((0, Message::Ping { .. } | Message::Pong { .. })) => {}
+                Ok((0, other)) => {
+                    break format!("unexpected unsequenced {other:?}");
+                }
+                Ok((seq, message)) => {
+                    if self.incoming.send((seq, message)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => break e.to_string(),
+            }
+        };
+        self.link_down(index, generation, &reason);
+    }
+
+    /// Keeps the link visibly alive, and confirms what the inbox has taken.
+    async fn ping_link(self: Arc<Self>, index: usize, generation: u64) {
+        let ping_every = self.timeout / 3;
+        let mut last_ping = tokio::time::Instant::now();
+        let mut token = 0u64;
+        loop {
+            tokio::time::sleep(RECEIVED_INTERVAL).await;
+            let taken = self.taken.load(Ordering::Relaxed);
+            // Link 0 confirms, or link 1 when link 0 is down.
+            let confirms = index == 0 || !self.links_up.borrow()[0];
+            if confirms && taken > self.confirmed.load(Ordering::Relaxed) {
+                self.confirmed.store(taken, Ordering::Relaxed);
+                self.send_unsequenced(Some(index), &Message::Received { upto: taken });
+            }
+            if last_ping.elapsed() >= ping_every {
+                last_ping = tokio::time::Instant::now();
+                token += 1;
+                self.send_unsequenced(Some(index), &Message::Ping { token });
+            }
+            let send = self.send.lock().unwrap();
+            if send.links[index]
+                .as_ref()
+                .is_none_or(|slot| slot.generation != generation)
+            {
+                return;
+            }
+        }
+    }
+}
+
+impl Inbox {
+    /// The next sequenced message, in order.
+    pub async fn next(&mut self) -> Result<(u64, Message), PeerError> {
+        loop {
+            if let Some(message) = self.early.remove(&self.next) {
+                return Ok(self.take(message));
+            }
+            let (seq, message) = tokio::select! {
+                item = self.incoming.recv() => item.expect("the channel holds the sender"),
+                closed = self.closed.wait_for(|c| c.is_some()) => {
+                    let reason = closed.map(|c| c.clone().unwrap_or_default()).unwrap_or_default();
+                    return Err(PeerError::LinksLost(reason));
+                }
+            };
+            if seq == self.next {
+                return Ok(self.take(message));
+            }
+            if seq > self.next {
+                if self.early.len() >= REORDER_FRAMES_MAX {
+                    return Err(PeerError::Wire(format!(
+                        "peer left a gap at frame {} with {} frames after it",
+                        self.next,
+                        self.early.len()
+                    )));
+                }
+                self.early.insert(seq, message);
+            }
+            // Below `next`: a frame resent after a link died; already taken.
+        }
+    }
+
+    fn take(&mut self, message: Message) -> (u64, Message) {
+        let seq = self.next;
+        self.next += 1;
+        self.channel.taken.store(seq, Ordering::Relaxed);
+        (seq, message)
+    }
+}
+
+fn least_queued(links: &[Option<LinkSlot>; LINKS_MAX]) -> Option<usize> {
+    links
+        .iter()
+        .enumerate()
+        .filter_map(|(i, slot)| Some((i, slot.as_ref()?.queued_bytes.load(Ordering::Relaxed))))
+        .min_by_key(|&(_, queued)| queued)
+        .map(|(i, _)| i)
+}
+
+fn queue_on(links: &[Option<LinkSlot>; LINKS_MAX], index: usize, frame: Bytes) {
+    if let Some(slot) = &links[index] {
+        slot.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        let _ = slot.queue.send(frame);
+    }
+}

@@ -1,0 +1,326 @@
+//! Moving out-of-sync ranges to the peer (resync) and comparing both
+//! replicas by checksum (verify), paced so application I/O comes first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blkmirror_proto::message::WRITE_FLAG_ZERO;
+use blkmirror_proto::Message;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::channel::{Channel, Lost};
+use super::Peer;
+use crate::volume::Volume;
+
+/// Largest chunk a resync moves in one message.
+pub const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
+/// Chunks in flight while the application is idle: enough to keep two links
+/// and both disks busy.
+pub const RESYNC_WINDOW_IDLE: usize = 16;
+/// Chunks in flight while the application writes: resync yields, yet keeps
+/// moving, so it converges under a continuous write load.
+pub const RESYNC_WINDOW_BUSY: usize = 2;
+/// Application writes this recent count as "busy".
+const APPLICATION_QUIET: Duration = Duration::from_millis(100);
+
+/// The answer to a ResyncChecksum whose chunk differs on the target.
+pub const CHECKSUM_DIFFERS: u32 = u32::MAX;
+
+/// How a resync chunk travelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkKind {
+    Data,
+    Zero,
+    /// Only its checksum, and it matched.
+    Checksum,
+}
+
+/// Paces resync: a window that shrinks while the application writes, and an
+/// optional hard cap in bytes per second (`resync-rate-max`).
+pub struct Pace {
+    rate_max_bytes_per_s: Option<u64>,
+    /// When the bytes granted so far may all have gone at the cap.
+    allowed_until: Instant,
+    writes_seen: u64,
+    writes_changed: Instant,
+}
+
+impl Pace {
+    pub fn new(rate_max_bytes_per_s: Option<u64>) -> Pace {
+        let now = Instant::now();
+        Pace {
+            rate_max_bytes_per_s,
+            allowed_until: now,
+            writes_seen: 0,
+            writes_changed: now - APPLICATION_QUIET,
+        }
+    }
+
+    /// Chunks that may be in flight now.
+    pub fn window(&mut self, volume: &Volume) -> usize {
+        let writes = volume.application_writes();
+        if writes != self.writes_seen {
+            self.writes_seen = writes;
+            self.writes_changed = Instant::now();
+        }
+        if self.writes_changed.elapsed() < APPLICATION_QUIET {
+            RESYNC_WINDOW_BUSY
+        } else {
+            RESYNC_WINDOW_IDLE
+        }
+    }
+
+    /// Waits until `len` more bytes fit under the cap.
+    pub async fn admit(&mut self, len: u64) {
+        let Some(rate) = self.rate_max_bytes_per_s else {
+            return;
+        };
+        let now = Instant::now();
+        // No credit for idle time beyond one chunk's worth.
+        if self.allowed_until < now {
+            self.allowed_until = now;
+        }
+        let wait = self.allowed_until - now;
+        self.allowed_until += Duration::from_secs_f64(len as f64 / rate.max(1) as f64);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Copies one chunk to the peer and marks it in sync once confirmed.
+async fn resync_chunk(
+    volume: &Volume,
+    link: &Channel,
+    peer: &Peer,
+    offset: u64,
+    len: u64,
+    checksum_first: bool,
+) -> Result<(), String> {
+    let lost = |_: Lost| "link lost during resync".to_string();
+    // Reading and queueing under the range gate orders this chunk before
+    // any application write to the same range.
+    let (guard, data) = volume
+        .read_for_resync(offset, len)
+        .await
+        .map_err(|e| e.to_string())?;
+    // An all-zero chunk travels as a zeroing command, not as data: a new or
+    // mostly empty disk rebuilds at little cost. In a full copy onto a disk
+    // that may already be mostly right, only the checksum goes first.
+    let mut kind = if is_zero(&data) {
+        ChunkKind::Zero
+    } else if checksum_first {
+        ChunkKind::Checksum
+    } else {
+        ChunkKind::Data
+    };
+    let message = match kind {
+        ChunkKind::Zero => Message::Write {
+            offset,
+            flags: WRITE_FLAG_ZERO,
+            data: len.to_le_bytes().to_vec(),
+        },
+        ChunkKind::Checksum => Message::ResyncChecksum {
+            offset,
+            len: len as u32,
+            crc: crc32c::crc32c(&data),
+        },
+        ChunkKind::Data => Message::ResyncData {
+            offset,
+            data: data.to_vec(),
+        },
+    };
+    let reply = link.enqueue(&message).await;
+    drop(guard);
+    let mut answer = reply.map_err(lost)?.written().await.map_err(lost)?;
+    if kind == ChunkKind::Checksum && answer == CHECKSUM_DIFFERS {
+        // It differs after all: send the data, read afresh under the gate.
+        let (guard, data) = volume
+            .read_for_resync(offset, len)
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = link
+            .enqueue(&Message::ResyncData {
+                offset,
+                data: data.to_vec(),
+            })
+            .await;
+        drop(guard);
+        answer = reply.map_err(lost)?.written().await.map_err(lost)?;
+        kind = ChunkKind::Data;
+    }
+    if answer != 0 {
+        return Err(format!(
+            "peer failed to write resync data at {offset}: errno {answer}"
+        ));
+    }
+    volume.mark_in_sync(offset, len);
+    peer.progress(len, kind);
+    Ok(())
+}
+
+/// True when every byte is zero (checked eight bytes at a time).
+fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(8);
+    words
+        .by_ref()
+        .all(|w| u64::from_ne_bytes(w.try_into().expect("eight bytes")) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// Splits a byte range into resync chunks.
+pub fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset + len;
+    (offset..end)
+        .step_by(RESYNC_CHUNK_BYTES as usize)
+        .map(move |o| (o, (end - o).min(RESYNC_CHUNK_BYTES)))
+}
+
+/// Streams every out-of-sync range to the peer, clearing each as it is
+/// acknowledged, then tells the peer it is done.
+pub async fn resync_source(
+    volume: Arc<Volume>,
+    link: Arc<Channel>,
+    peer: Arc<Peer>,
+    checksum_first: bool,
+    done: oneshot::Sender<Result<(), String>>,
+) {
+    let mut pace = Pace::new(peer.resync_rate_max_bytes_per_s);
+    let mut acks = tokio::task::JoinSet::new();
+    let result: Result<(), String> = async {
+        // Rounds until nothing is left: a write that raced the start of the
+        // resync (marked after the first snapshot) is picked up next round.
+        loop {
+            let runs = volume.dirty_runs();
+            if runs.is_empty() {
+                break;
+            }
+            for (offset, len) in runs {
+                for (chunk_offset, chunk_len) in chunks(offset, len) {
+                    while acks.len() >= pace.window(&volume) {
+                        acks.join_next()
+                            .await
+                            .expect("not empty")
+                            .map_err(|e| e.to_string())??;
+                    }
+                    pace.admit(chunk_len).await;
+                    let (volume, peer, link) = (volume.clone(), peer.clone(), link.clone());
+                    // Each chunk in its own task: reads overlap with sending.
+                    acks.spawn(async move {
+                        resync_chunk(
+                            &volume,
+                            &link,
+                            &peer,
+                            chunk_offset,
+                            chunk_len,
+                            checksum_first,
+                        )
+                        .await
+                    });
+                }
+            }
+            while let Some(joined) = acks.join_next().await {
+                joined.map_err(|e| e.to_string())??;
+            }
+        }
+        let current = volume
+            .finish_sync_source()
+            .await
+            .map_err(|e| e.to_string())?;
+        link.send(&Message::ResyncDone { current })
+            .await
+            .map_err(|_| "link lost".to_string())?;
+        Ok(())
+    }
+    .await;
+    let _ = done.send(result);
+}
+
+/// Compares every chunk with the peer by checksum while both serve; marks
+/// the chunks that differ out of sync. Returns the bytes that differ.
+pub async fn verify(
+    volume: Arc<Volume>,
+    link: Arc<Channel>,
+    peer: Arc<Peer>,
+) -> Result<u64, String> {
+    let mut pace = Pace::new(peer.resync_rate_max_bytes_per_s);
+    let mut checks = tokio::task::JoinSet::new();
+    let mut differing = 0u64;
+    let mut account = |joined: Result<Result<(u64, u64, bool), String>, _>| {
+        let (offset, len, differs) =
+            joined.map_err(|e: tokio::task::JoinError| e.to_string())??;
+        if differs {
+            volume.mark_out_of_sync(offset, len);
+            differing += len;
+        }
+        peer.verify_progress(len, differs);
+        Ok::<(), String>(())
+    };
+    for (offset, len) in chunks(0, volume.data_size()) {
+        while checks.len() >= pace.window(&volume) {
+            account(checks.join_next().await.expect("not empty"))?;
+        }
+        pace.admit(len).await;
+        let (volume, link) = (volume.clone(), link.clone());
+        checks.spawn(async move {
+            let lost = |_: Lost| "link lost during verify".to_string();
+            let (guard, data) = volume
+                .read_for_resync(offset, len)
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply = link
+                .enqueue(&Message::ResyncChecksum {
+                    offset,
+                    len: len as u32,
+                    crc: crc32c::crc32c(&data),
+                })
+                .await;
+            drop(guard);
+            match reply.map_err(lost)?.written().await.map_err(lost)? {
+                0 => Ok((offset, len, false)),
+                CHECKSUM_DIFFERS => Ok((offset, len, true)),
+                errno => Err(format!("peer failed to read at {offset}: errno {errno}")),
+            }
+        });
+    }
+    while let Some(joined) = checks.join_next().await {
+        account(joined)?;
+    }
+    Ok(differing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_and_chunking() {
+        assert!(is_zero(&[0u8; 4100]));
+        let mut data = vec![0u8; 4100];
+        data[4099] = 1;
+        assert!(!is_zero(&data));
+        let pieces: Vec<_> = chunks(4096, 3 * RESYNC_CHUNK_BYTES + 512).collect();
+        assert_eq!(pieces.len(), 4);
+        assert_eq!(pieces[3], (4096 + 3 * RESYNC_CHUNK_BYTES, 512));
+        assert_eq!(
+            pieces.iter().map(|p| p.1).sum::<u64>(),
+            3 * RESYNC_CHUNK_BYTES + 512
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cap_spaces_chunks_at_the_rate() {
+        let mut pace = Pace::new(Some(10 * RESYNC_CHUNK_BYTES));
+        let start = tokio::time::Instant::now();
+        for _ in 0..21 {
+            pace.admit(RESYNC_CHUNK_BYTES).await;
+        }
+        // 20 chunks' worth of waiting at 10 chunks per second.
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(1990) && elapsed <= Duration::from_millis(2100),
+            "{elapsed:?}"
+        );
+    }
+}
