@@ -8,19 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-/// A pair where alpha is primary and beta has taken the initial full copy.
-fn synced_pair(res: &Resource) -> (NodeProcess, NodeProcess) {
-    res.ok("alpha", &["create-md"]);
-    res.ok("beta", &["create-md"]);
-    let alpha = res.up("alpha");
-    let beta = res.up("beta");
-    res.ok("alpha", &["primary", "--force"]);
-    res.wait_established("alpha");
-    let beta_status = res.wait_established("beta");
-    assert_eq!(beta_status["disk_state"], "UpToDate", "{beta_status}");
-    (alpha, beta)
-}
-
 /// The first connection copies everything to the new secondary; then every
 /// write through NBD on the primary lands byte-identical on the secondary,
 /// which itself refuses NBD I/O.

@@ -121,15 +121,56 @@ impl Resource {
         serde_json::from_str(&self.ok(node, args)).unwrap()
     }
 
+    /// Rewrites the config file.
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(&self.config, edit(text)).unwrap();
+    }
+
+    /// Sets a top-level key (before the node tables).
+    pub fn set(&self, key: &str, value: &str) {
+        self.edit_config(|text| text.replacen("[nodes.", &format!("{key} = {value}\n[nodes."), 1));
+    }
+
+    /// Gives each node a second link on loopback.
+    pub fn add_second_link(&self) {
+        self.edit_config(|text| {
+            text.lines()
+                .map(|line| match line.strip_suffix("\"]") {
+                    Some(start) if line.starts_with("links = ") => {
+                        format!("{start}\", \"127.0.0.1:{}\"]", free_port())
+                    }
+                    _ => line.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n"
+        });
+    }
+
     /// Starts `up` for a node and waits until its control socket answers.
     pub fn up(&self, node: &str) -> NodeProcess {
+        self.up_with(node, &[])
+    }
+
+    /// Like `up`, with the node started through `prefix` (such as
+    /// `ip netns exec NS`).
+    pub fn up_with(&self, node: &str, prefix: &[&str]) -> NodeProcess {
         let log_path = self.dir.path().join(format!("{node}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .unwrap();
-        let child = Command::new(BIN)
+        let mut command = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .arg("-c")
             .arg(&self.config)
             .args(["-n", node, "up"])
@@ -308,4 +349,26 @@ impl Resource {
             panic!("replicas differ first at data offset {pos}");
         }
     }
+}
+
+/// A pair where alpha is primary and beta has taken the initial full copy.
+pub fn synced_pair(res: &Resource) -> (NodeProcess, NodeProcess) {
+    synced_pair_with(res, &[], &[])
+}
+
+/// `synced_pair`, with each node started through a prefix command.
+pub fn synced_pair_with(
+    res: &Resource,
+    alpha_prefix: &[&str],
+    beta_prefix: &[&str],
+) -> (NodeProcess, NodeProcess) {
+    res.ok("alpha", &["create-md"]);
+    res.ok("beta", &["create-md"]);
+    let alpha = res.up_with("alpha", alpha_prefix);
+    let beta = res.up_with("beta", beta_prefix);
+    res.ok("alpha", &["primary", "--force"]);
+    res.wait_established("alpha");
+    let beta_status = res.wait_established("beta");
+    assert_eq!(beta_status["disk_state"], "UpToDate", "{beta_status}");
+    (alpha, beta)
 }

@@ -21,6 +21,8 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours only for a person at a terminal, not for journald or files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -208,6 +210,37 @@ pub async fn disconnect(target: &Target) -> anyhow::Result<()> {
     target.call(Request::Disconnect).await.map(drop)
 }
 
+/// Starts a verify and waits for its result.
+pub async fn verify(target: &Target) -> anyhow::Result<()> {
+    target.call(Request::Verify).await?;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let status = fetch_status(target).await?;
+        let peer = status
+            .peer
+            .ok_or_else(|| anyhow!("the node reports no peer"))?;
+        let v = &peer.verify;
+        if v.running {
+            continue;
+        }
+        if let Some(error) = &v.error {
+            bail!("verify stopped after {} bytes: {error}", v.done_bytes);
+        }
+        if v.differing_bytes == 0 {
+            println!(
+                "verify: {} bytes compared with {}; the replicas are identical",
+                v.done_bytes, peer.peer_node
+            );
+        } else {
+            println!(
+                "verify: {} bytes compared with {}; {} bytes differ, marked out of sync and being resynced",
+                v.done_bytes, peer.peer_node, v.differing_bytes
+            );
+        }
+        return Ok(());
+    }
+}
+
 /// Polls until replication is Established with nothing out of sync. On a
 /// terminal it draws a progress bar with rate and ETA; otherwise it prints a
 /// line every few seconds.
@@ -298,7 +331,7 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn render_status(s: &VolumeStatus) -> String {
-    format!(
+    let mut text = format!(
         "{} on {}: role {:?}, disk {:?}\n  data {} bytes on {} ({}{})\n  volume {}, generation {} (bitmap {})\n  out of sync: {} bytes\n  NBD clients attached: {}\n",
         s.resource,
         s.node,
@@ -313,5 +346,30 @@ pub fn render_status(s: &VolumeStatus) -> String {
         s.generations.bitmap,
         s.out_of_sync_bytes,
         s.nbd_clients,
-    )
+    );
+    if let Some(peer) = &s.peer {
+        text += &format!(
+            "  peer {}: {:?}, {:?}, role {}, disk {}\n",
+            peer.peer_node,
+            peer.connection,
+            peer.replication,
+            peer.peer_role
+                .map_or("unknown".into(), |r| format!("{r:?}")),
+            peer.peer_disk_state.as_deref().unwrap_or("unknown"),
+        );
+        for (index, link) in peer.links.iter().enumerate() {
+            text += &format!("  link {index} to {}: {:?}\n", link.address, link.state);
+        }
+        let r = &peer.resync;
+        if r.total_bytes > 0 && r.done_bytes < r.total_bytes {
+            text += &format!(
+                "  resync: {} of {} bytes, {} bytes/s, ETA {} s\n",
+                r.done_bytes, r.total_bytes, r.bytes_per_s, r.eta_s
+            );
+        }
+        if let Some(error) = &peer.last_error {
+            text += &format!("  last error: {error}\n");
+        }
+    }
+    text
 }

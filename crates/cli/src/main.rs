@@ -69,6 +69,9 @@ enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// Compare both replicas by checksum while they serve; differing
+    /// ranges are reported, marked out of sync and resynced.
+    Verify,
     /// Wait until this node and its peer are in sync, showing progress.
     WaitSync {
         /// Give up (exit 1) after this many seconds.
@@ -121,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invalidate => commands::invalidate(&target).await,
         Command::Resync { full } => commands::resync(&target, full).await,
         Command::Disconnect => commands::disconnect(&target).await,
+        Command::Verify => commands::verify(&target).await,
         Command::WaitSync { timeout } => commands::wait_sync(&target, timeout).await,
         Command::Status { json } => commands::status(&target, json).await,
         Command::Demo => unreachable!("handled above"),

@@ -23,6 +23,7 @@ pub enum Request {
     Disconnect,
     Invalidate,
     Resync { full: bool },
+    Verify,
     Down,
 }
 

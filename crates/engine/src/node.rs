@@ -132,6 +132,13 @@ async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Pee
             peer.reconnect();
             (Response::Ok, false)
         }
+        Request::Verify => (
+            match peer.start_verify() {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            },
+            false,
+        ),
         Request::Down => (Response::Ok, true),
     };
     let _ = control::write_response(&mut stream, &response).await;

@@ -108,6 +108,8 @@ pub struct Channel {
     links_up: watch::Sender<[bool; LINKS_MAX]>,
     closed: watch::Sender<Option<String>>,
     epoch: AtomicU64,
+    /// Bytes written to each link's socket in this session.
+    sent_bytes: [AtomicU64; LINKS_MAX],
 }
 
 /// The receiving end: sequenced messages in order.
@@ -140,6 +142,7 @@ impl Channel {
             links_up: watch::channel([false; LINKS_MAX]).0,
             closed: watch::channel(None).0,
             epoch: AtomicU64::new(0),
+            sent_bytes: Default::default(),
         });
         let inbox = Inbox {
             channel: channel.clone(),
@@ -198,8 +201,8 @@ impl Channel {
         if send.closed {
             return Err(Lost);
         }
-        let link = least_queued(&send.links).ok_or(Lost)?;
         let seq = send.next_seq;
+        let link = least_queued(&send.links, seq).ok_or(Lost)?;
         send.next_seq += 1;
         blkmirror_proto::stamp_sequence(&mut frame, seq);
         let frame = Bytes::from(frame);
@@ -264,6 +267,11 @@ impl Channel {
         self.links_up.subscribe()
     }
 
+    /// Bytes written to each link in this session.
+    pub fn sent_bytes(&self) -> [u64; LINKS_MAX] {
+        std::array::from_fn(|i| self.sent_bytes[i].load(Ordering::Relaxed))
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.borrow().is_some()
     }
@@ -324,7 +332,7 @@ impl Channel {
         let dead = send.links[index].take();
         self.links_up
             .send_replace(std::array::from_fn(|i| send.links[i].is_some()));
-        let Some(survivor) = least_queued(&send.links) else {
+        let Some(survivor) = least_queued(&send.links, 0) else {
             drop(send);
             self.close(reason);
             drop(dead);
@@ -377,7 +385,7 @@ impl Channel {
     fn send_unsequenced(&self, index: Option<usize>, message: &Message) {
         let frame = Bytes::from(blkmirror_proto::encode_frame(message, self.volume_uuid, 0));
         let send = self.send.lock().unwrap();
-        if let Some(index) = index.or_else(|| least_queued(&send.links)) {
+        if let Some(index) = index.or_else(|| least_queued(&send.links, 0)) {
             queue_on(&send.links, index, frame);
         }
     }
@@ -400,6 +408,7 @@ impl Channel {
                 }
                 writer.flush().await?;
                 queued_bytes.fetch_sub(written, Ordering::Relaxed);
+                self.sent_bytes[index].fetch_add(written as u64, Ordering::Relaxed);
             }
             Ok(())
         }
@@ -497,11 +506,12 @@ impl Inbox {
     }
 }
 
-fn least_queued(links: &[Option<LinkSlot>; LINKS_MAX]) -> Option<usize> {
-    links
-        .iter()
-        .enumerate()
-        .filter_map(|(i, slot)| Some((i, slot.as_ref()?.queued_bytes.load(Ordering::Relaxed))))
+/// The live link with the fewest bytes waiting; ties go round by `turn`,
+/// so two idle links share the traffic.
+fn least_queued(links: &[Option<LinkSlot>; LINKS_MAX], turn: u64) -> Option<usize> {
+    (0..LINKS_MAX)
+        .map(|k| (k + turn as usize) % LINKS_MAX)
+        .filter_map(|i| Some((i, links[i].as_ref()?.queued_bytes.load(Ordering::Relaxed))))
         .min_by_key(|&(_, queued)| queued)
         .map(|(i, _)| i)
 }

@@ -71,6 +71,8 @@ pub struct LinkStatus {
     /// The peer's address for this link.
     pub address: String,
     pub state: ConnectionState,
+    /// Bytes this node sent on the link in the current session.
+    pub sent_bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -198,13 +200,13 @@ impl Peer {
     }
 
     pub fn status(&self) -> PeerStatus {
-        let links_up = self
+        let (links_up, sent_bytes) = self
             .channel
             .lock()
             .unwrap()
             .as_ref()
-            .map(|c| *c.links_up().borrow())
-            .unwrap_or([false; LINKS_MAX]);
+            .map(|c| (*c.links_up().borrow(), c.sent_bytes()))
+            .unwrap_or(([false; LINKS_MAX], [0; LINKS_MAX]));
         let s = self.state.lock().unwrap();
         PeerStatus {
             connection: s.connection,
@@ -215,14 +217,15 @@ impl Peer {
             links: self
                 .link_addresses
                 .iter()
-                .zip(links_up)
-                .map(|(address, up)| LinkStatus {
+                .zip(links_up.into_iter().zip(sent_bytes))
+                .map(|(address, (up, sent_bytes))| LinkStatus {
                     address: address.to_string(),
                     state: match (up, s.connection) {
                         (true, _) => ConnectionState::Connected,
                         (false, ConnectionState::StandAlone) => ConnectionState::StandAlone,
                         (false, _) => ConnectionState::Connecting,
                     },
+                    sent_bytes,
                 })
                 .collect(),
             resync: s.resync.clone(),
