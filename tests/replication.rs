@@ -348,3 +348,167 @@ fn invalidate_and_full_resync_by_the_operator() {
     res.ok("alpha", &["wait-sync", "--timeout", "60"]);
     res.assert_identical();
 }
+
+/// Protocols A and B answer the client before the peer's disk has the
+/// write; a flush still reaches both disks, and nothing is left behind.
+#[test]
+fn protocols_a_and_b_replicate_and_flush_on_both() {
+    if !have("qemu-io") || !have("fio") {
+        return;
+    }
+    for protocol in ["A", "B"] {
+        let res = Resource::new();
+        res.edit_config(|text| {
+            text.replace("protocol = \"C\"", &format!("protocol = \"{protocol}\""))
+        });
+        let (_alpha, _beta) = synced_pair(&res);
+        run(Command::new("fio").current_dir(res.dir.path()).args([
+            "--name=async",
+            "--ioengine=nbd",
+            &format!("--uri={}", res.uri("alpha")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8M",
+            "--iodepth=32",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+        ]));
+        // The flush returns only once the peer has written and flushed
+        // everything sent before it.
+        res.qemu_io("alpha", &["write -P 0x44 30M 1M", "flush"]);
+        res.assert_identical();
+        let status = res.json("alpha", &["status", "--json"]);
+        assert_eq!(
+            (
+                status["out_of_sync_bytes"].as_u64(),
+                status["replication"].as_str()
+            ),
+            (Some(0), Some("Established")),
+            "protocol {protocol}: {status}"
+        );
+    }
+}
+
+/// `verify` compares both replicas online: identical ones pass; bytes
+/// changed behind the secondary's back are found (to the chunk), marked and
+/// resynced.
+#[test]
+fn verify_finds_and_repairs_differences() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, _beta) = synced_pair(&res);
+    res.qemu_io("alpha", &["write -P 0x55 0 8M"]);
+    let out = res.ok("alpha", &["verify"]);
+    assert!(out.contains("identical"), "{out}");
+    {
+        use std::os::unix::fs::FileExt;
+        let disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(res.disk("beta"))
+            .unwrap();
+        disk.write_all_at(b"rot", DATA_OFFSET + (5 << 20) + 7)
+            .unwrap();
+        disk.write_all_at(b"!", DATA_OFFSET + (30 << 20)).unwrap();
+        disk.sync_all().unwrap();
+    }
+    let out = res.ok("alpha", &["verify"]);
+    assert!(out.contains(&format!("{} bytes differ", 2 << 20)), "{out}");
+    let status = res.wait_status("alpha", "resynced", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    assert_eq!(status["verify"]["differing_bytes"], 2 << 20, "{status}");
+    assert_eq!(status["resync"]["total_bytes"], 2 << 20, "{status}");
+    res.wait_established("beta");
+    res.assert_identical();
+    // Verify needs a connected peer.
+    let out = res.cli("beta", &["disconnect"]);
+    assert!(out.status.success());
+    res.wait_status("beta", "StandAlone", |s| s["connection"] == "StandAlone");
+    let out = res.cli("beta", &["verify"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Established"),
+        "{out:?}"
+    );
+}
+
+/// `resync-rate-max` caps the data a resync moves per second.
+#[test]
+fn resync_rate_max_caps_the_resync() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    res.set("resync-rate-max", "\"8M\"");
+    let (_alpha, beta) = synced_pair(&res);
+    res.down("beta", beta);
+    res.wait_status("alpha", "disconnected", |s| s["connection"] != "Connected");
+    res.qemu_io("alpha", &["write -P 0x66 0 24M"]);
+    let started = std::time::Instant::now();
+    let _beta = res.up("beta");
+    let status = res.wait_status("alpha", "resynced", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    assert_eq!(status["resync"]["total_bytes"], 24 << 20);
+    // 24 MiB at 8 MB/s takes 3.1 s; the first chunk goes at once.
+    assert!(
+        elapsed >= 2.8,
+        "24 MiB resynced in {elapsed:.2} s despite an 8 MB/s cap"
+    );
+    res.wait_established("beta");
+    res.assert_identical();
+}
+
+/// Resync runs beside a continuous application write load, yields to it,
+/// and still finishes while the load goes on.
+#[test]
+fn resync_converges_under_continuous_writes() {
+    if !have("qemu-io") || !have("fio") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, beta) = synced_pair(&res);
+    res.down("beta", beta);
+    res.wait_status("alpha", "disconnected", |s| s["connection"] != "Connected");
+    res.qemu_io("alpha", &["write -P 0x77 0 32M"]);
+    let _beta = res.up("beta");
+    let mut fio = Command::new("fio")
+        .current_dir(res.dir.path())
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            &format!("--uri={}", res.uri("alpha")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=60M",
+            "--iodepth=8",
+            "--time_based",
+            "--runtime=60",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let converged = res.wait_status("alpha", "resynced under load", |s| {
+        s["replication"] == "Established"
+    });
+    let still_writing = fio.try_wait().unwrap().is_none();
+    let _ = fio.kill();
+    let status = fio.wait().unwrap();
+    assert!(
+        still_writing,
+        "the load ended ({status}) before the resync did: {converged}"
+    );
+    assert_eq!(
+        converged["resync"]["done_bytes"],
+        converged["resync"]["total_bytes"]
+    );
+    // The killed client's last writes finish before its connection goes.
+    res.wait_status("alpha", "client gone, nothing out of sync", |s| {
+        s["nbd_clients"] == 0 && s["out_of_sync_bytes"] == 0
+    });
+    res.wait_established("beta");
+    res.assert_identical();
+}

@@ -125,8 +125,27 @@ pub struct Volume {
     protocol: Protocol,
     /// Application writes so far (resync yields while they come).
     application_writes: AtomicU64,
+    /// Writes under way that go without the peer (they mark the bitmap):
+    /// a resync starts only once they are done, so it reads what they wrote.
+    unlinked_writes: tokio::sync::watch::Sender<usize>,
     /// Random per process start, sent in Hello.
     session: u64,
+}
+
+/// Where a write goes.
+enum WriteRoute<'a> {
+    Peer(Arc<Channel>),
+    /// Only to the local disk, marked in the bitmap.
+    LocalOnly(UnlinkedWrite<'a>),
+}
+
+/// Counts a write that goes without the peer until it is done.
+struct UnlinkedWrite<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl Drop for UnlinkedWrite<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 /// Where the peer's half of a replicated write stands when the client may
@@ -203,6 +222,7 @@ impl Volume {
             link: Mutex::new(None),
             protocol,
             application_writes: AtomicU64::new(0),
+            unlinked_writes: tokio::sync::watch::channel(0).0,
             session: fresh_generation(),
         }))
     }
@@ -408,11 +428,15 @@ impl Volume {
     ) -> Result<(), Error> {
         let len = data.len() as u64;
         let at = self.disk_offset(offset, len)?;
-        let link = self.prepare_write(offset, len).await?;
+        let route = self.prepare_write(offset, len).await?;
         let _guard = self.gate.enter(offset, len).await;
-        let Some(link) = link else {
-            self.store.write(at, data, fua).await?;
-            return Ok(());
+        let link = match route {
+            WriteRoute::Peer(link) => link,
+            WriteRoute::LocalOnly(unlinked) => {
+                self.store.write(at, data, fua).await?;
+                drop(unlinked);
+                return Ok(());
+            }
         };
         let message = Message::Write {
             offset,
@@ -486,16 +510,30 @@ impl Volume {
     /// Before a write: picks the link (if the peer receives writes now),
     /// starts a new generation if it does not, and records the write in the
     /// activity log (and, without the peer, in the bitmap).
-    async fn prepare_write(&self, offset: u64, len: u64) -> Result<Option<Arc<Channel>>, Error> {
+    async fn prepare_write(&self, offset: u64, len: u64) -> Result<WriteRoute<'_>, Error> {
         self.application_writes.fetch_add(1, Ordering::Relaxed);
-        let link = self.link.lock().unwrap().clone();
-        if link.is_none() {
+        let route = {
+            let link = self.link.lock().unwrap();
+            match &*link {
+                Some(link) => WriteRoute::Peer(link.clone()),
+                None => {
+                    self.unlinked_writes.send_modify(|n| *n += 1);
+                    WriteRoute::LocalOnly(UnlinkedWrite(&self.unlinked_writes))
+                }
+            }
+        };
+        if let WriteRoute::LocalOnly(_) = route {
             self.open_generation()?;
         }
         self.tracker
-            .before_write(&self.store, offset, len, link.is_none())
+            .before_write(
+                &self.store,
+                offset,
+                len,
+                matches!(route, WriteRoute::LocalOnly(_)),
+            )
             .await?;
-        Ok(link)
+        Ok(route)
     }
 
     /// Accounts for the peer's answer to a write: a failure or a lost link
@@ -594,6 +632,17 @@ impl Volume {
 
     pub fn gate(&self) -> &Arc<RangeGate> {
         &self.gate
+    }
+
+    /// From now on writes go to the peer through `link`; returns once every
+    /// write that went without it has finished (and marked the bitmap).
+    pub async fn link_up(&self, link: Arc<Channel>) {
+        self.set_link(Some(link));
+        let _ = self
+            .unlinked_writes
+            .subscribe()
+            .wait_for(|writes| *writes == 0)
+            .await;
     }
 
     /// Where writes go while the peer receives them; `None` when it does not.
@@ -773,7 +822,7 @@ impl Volume {
         fua: bool,
     ) -> Result<(), Error> {
         let at = self.disk_offset(offset, len)?;
-        let link = self.prepare_write(offset, len).await?;
+        let route = self.prepare_write(offset, len).await?;
         let _guard = self.gate.enter(offset, len).await;
         let local = async {
             self.store.zero_range(at, len, unmap).await?;
@@ -782,8 +831,13 @@ impl Volume {
             }
             Ok::<(), Error>(())
         };
-        let Some(link) = link else {
-            return local.await;
+        let link = match route {
+            WriteRoute::Peer(link) => link,
+            WriteRoute::LocalOnly(unlinked) => {
+                local.await?;
+                drop(unlinked);
+                return Ok(());
+            }
         };
         let mut flags = peer::fua_flag(fua) | WRITE_FLAG_ZERO;
         if unmap {

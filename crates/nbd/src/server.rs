@@ -450,12 +450,18 @@ where
     let backend = &*backend;
     let mut in_flight = FuturesUnordered::new();
     let mut accepting = true;
+    let mut client_gone = false;
     loop {
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                if replies.send(done).await.is_err() {
-                    break; // the writer failed: its error is reported below
+                // When the client is gone (the writer failed, its error is
+                // reported below), requests already started still run to
+                // the end: a write stopped halfway could reach one disk of
+                // the mirror and not the other.
+                if !client_gone && replies.send(done).await.is_err() {
+                    client_gone = true;
+                    accepting = false;
                 }
             }
             request = requests.recv(), if accepting && in_flight.len() < IN_FLIGHT_PER_CONNECTION_MAX => {

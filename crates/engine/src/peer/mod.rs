@@ -807,7 +807,7 @@ impl Manager {
         let volume = &self.volume;
         match decision {
             SyncDecision::InSync => {
-                self.established(link);
+                self.established(link).await;
                 if volume.out_of_sync_bytes() > 0 {
                     // A write raced the handshake (marked before the link was
                     // set): reconnect, and a differential resync copies it.
@@ -835,7 +835,7 @@ impl Manager {
                         }
                     }
                 }
-                volume.set_link(Some(link.clone()));
+                volume.link_up(link.clone()).await;
                 self.peer.set(|s| {
                     s.replication = ReplicationState::SyncSource;
                     s.resync.total_bytes = volume.out_of_sync_bytes();
@@ -881,8 +881,8 @@ impl Manager {
         }
     }
 
-    fn established(&self, link: &Arc<Channel>) {
-        self.volume.set_link(Some(link.clone()));
+    async fn established(&self, link: &Arc<Channel>) {
+        self.volume.link_up(link.clone()).await;
         self.peer.set(|s| {
             s.replication = ReplicationState::Established;
             s.resync_started = None;
@@ -914,7 +914,7 @@ impl Manager {
                 done = async { resync_done.as_mut().unwrap().await }, if resync_done.is_some() => {
                     resync_done = None;
                     match done {
-                        Ok(Ok(())) => { self.established(link); continue; }
+                        Ok(Ok(())) => { self.established(link).await; continue; }
                         Ok(Err(e)) => return Err(PeerError::Wire(e)),
                         Err(_) => return Err(PeerError::Wire("resync stopped".into())),
                     }
@@ -998,7 +998,7 @@ impl Manager {
                 }),
                 Message::ResyncDone { current } => {
                     self.volume.finish_sync_target(current).await?;
-                    self.established(link);
+                    self.established(link).await;
                 }
                 other => return Err(PeerError::Wire(format!("unexpected message {other:?}"))),
             }

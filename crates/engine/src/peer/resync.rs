@@ -1,7 +1,7 @@
 //! Moving out-of-sync ranges to the peer (resync) and comparing both
 //! replicas by checksum (verify), paced so application I/O comes first.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blkmirror_proto::message::WRITE_FLAG_ZERO;
@@ -36,24 +36,19 @@ pub enum ChunkKind {
     Checksum,
 }
 
-/// Paces resync: a window that shrinks while the application writes, and an
-/// optional hard cap in bytes per second (`resync-rate-max`).
+/// Paces resync: the window of chunks in flight shrinks while the
+/// application writes, so its I/O comes first, yet never to zero, so resync
+/// converges under a continuous write load.
 pub struct Pace {
-    rate_max_bytes_per_s: Option<u64>,
-    /// When the bytes granted so far may all have gone at the cap.
-    allowed_until: Instant,
     writes_seen: u64,
     writes_changed: Instant,
 }
 
 impl Pace {
-    pub fn new(rate_max_bytes_per_s: Option<u64>) -> Pace {
-        let now = Instant::now();
+    pub fn new() -> Pace {
         Pace {
-            rate_max_bytes_per_s,
-            allowed_until: now,
             writes_seen: 0,
-            writes_changed: now - APPLICATION_QUIET,
+            writes_changed: Instant::now() - APPLICATION_QUIET,
         }
     }
 
@@ -70,19 +65,40 @@ impl Pace {
             RESYNC_WINDOW_IDLE
         }
     }
+}
+
+/// `resync-rate-max`: a hard cap on the data resync (and verify) moves, in
+/// bytes per second. Chunks that travel as a zeroing command or only as a
+/// checksum that matched are not charged: they cost the network nothing.
+pub struct RateCap {
+    bytes_per_s: u64,
+    /// When the bytes admitted so far may all have gone at the cap.
+    allowed_until: Mutex<Instant>,
+}
+
+impl RateCap {
+    pub fn new(bytes_per_s: Option<u64>) -> Option<Arc<RateCap>> {
+        bytes_per_s.map(|bytes_per_s| {
+            Arc::new(RateCap {
+                bytes_per_s: bytes_per_s.max(1),
+                allowed_until: Mutex::new(Instant::now()),
+            })
+        })
+    }
 
     /// Waits until `len` more bytes fit under the cap.
-    pub async fn admit(&mut self, len: u64) {
-        let Some(rate) = self.rate_max_bytes_per_s else {
-            return;
+    pub async fn admit(&self, len: u64) {
+        let wait = {
+            let mut until = self.allowed_until.lock().unwrap();
+            let now = Instant::now();
+            // No credit for idle time.
+            if *until < now {
+                *until = now;
+            }
+            let wait = *until - now;
+            *until += Duration::from_secs_f64(len as f64 / self.bytes_per_s as f64);
+            wait
         };
-        let now = Instant::now();
-        // No credit for idle time beyond one chunk's worth.
-        if self.allowed_until < now {
-            self.allowed_until = now;
-        }
-        let wait = self.allowed_until - now;
-        self.allowed_until += Duration::from_secs_f64(len as f64 / rate.max(1) as f64);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -97,11 +113,12 @@ async fn resync_chunk(
     offset: u64,
     len: u64,
     checksum_first: bool,
+    cap: Option<&RateCap>,
 ) -> Result<(), String> {
     let lost = |_: Lost| "link lost during resync".to_string();
     // Reading and queueing under the range gate orders this chunk before
     // any application write to the same range.
-    let (guard, data) = volume
+    let (mut guard, mut data) = volume
         .read_for_resync(offset, len)
         .await
         .map_err(|e| e.to_string())?;
@@ -115,6 +132,15 @@ async fn resync_chunk(
     } else {
         ChunkKind::Data
     };
+    if let (ChunkKind::Data, Some(cap)) = (kind, cap) {
+        // Never wait holding the range: let writes pass, then read afresh.
+        drop(guard);
+        cap.admit(len).await;
+        (guard, data) = volume
+            .read_for_resync(offset, len)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let message = match kind {
         ChunkKind::Zero => Message::Write {
             offset,
@@ -136,6 +162,9 @@ async fn resync_chunk(
     let mut answer = reply.map_err(lost)?.written().await.map_err(lost)?;
     if kind == ChunkKind::Checksum && answer == CHECKSUM_DIFFERS {
         // It differs after all: send the data, read afresh under the gate.
+        if let Some(cap) = cap {
+            cap.admit(len).await;
+        }
         let (guard, data) = volume
             .read_for_resync(offset, len)
             .await
@@ -186,7 +215,8 @@ pub async fn resync_source(
     checksum_first: bool,
     done: oneshot::Sender<Result<(), String>>,
 ) {
-    let mut pace = Pace::new(peer.resync_rate_max_bytes_per_s);
+    let mut pace = Pace::new();
+    let cap = RateCap::new(peer.resync_rate_max_bytes_per_s);
     let mut acks = tokio::task::JoinSet::new();
     let result: Result<(), String> = async {
         // Rounds until nothing is left: a write that raced the start of the
@@ -204,8 +234,8 @@ pub async fn resync_source(
                             .expect("not empty")
                             .map_err(|e| e.to_string())??;
                     }
-                    pace.admit(chunk_len).await;
                     let (volume, peer, link) = (volume.clone(), peer.clone(), link.clone());
+                    let cap = cap.clone();
                     // Each chunk in its own task: reads overlap with sending.
                     acks.spawn(async move {
                         resync_chunk(
@@ -215,6 +245,7 @@ pub async fn resync_source(
                             chunk_offset,
                             chunk_len,
                             checksum_first,
+                            cap.as_deref(),
                         )
                         .await
                     });
@@ -244,7 +275,8 @@ pub async fn verify(
     link: Arc<Channel>,
     peer: Arc<Peer>,
 ) -> Result<u64, String> {
-    let mut pace = Pace::new(peer.resync_rate_max_bytes_per_s);
+    let mut pace = Pace::new();
+    let cap = RateCap::new(peer.resync_rate_max_bytes_per_s);
     let mut checks = tokio::task::JoinSet::new();
     let mut differing = 0u64;
     let mut account = |joined: Result<Result<(u64, u64, bool), String>, _>| {
@@ -261,7 +293,9 @@ pub async fn verify(
         while checks.len() >= pace.window(&volume) {
             account(checks.join_next().await.expect("not empty"))?;
         }
-        pace.admit(len).await;
+        if let Some(cap) = &cap {
+            cap.admit(len).await;
+        }
         let (volume, link) = (volume.clone(), link.clone());
         checks.spawn(async move {
             let lost = |_: Lost| "link lost during verify".to_string();
@@ -311,10 +345,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_cap_spaces_chunks_at_the_rate() {
-        let mut pace = Pace::new(Some(10 * RESYNC_CHUNK_BYTES));
+        let cap = RateCap::new(Some(10 * RESYNC_CHUNK_BYTES)).unwrap();
         let start = tokio::time::Instant::now();
         for _ in 0..21 {
-            pace.admit(RESYNC_CHUNK_BYTES).await;
+            cap.admit(RESYNC_CHUNK_BYTES).await;
         }
         // 20 chunks' worth of waiting at 10 chunks per second.
         let elapsed = start.elapsed();
