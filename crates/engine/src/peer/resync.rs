@@ -1,6 +1,7 @@
 //! Moving out-of-sync ranges to the peer (resync) and comparing both
 //! replicas by checksum (verify), paced so application I/O comes first.
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -105,6 +106,41 @@ impl RateCap {
     }
 }
 
+/// Whether, in a full copy, sending a chunk's checksum before its data is
+/// worth it: it is while checksums keep matching (a replaced disk that is
+/// mostly right), not on a disk that matches nowhere (a first build), where
+/// it only adds a round trip and a read on the target. Every
+/// `CHECKSUM_PROBE_EVERY`th chunk still goes by checksum, to notice a change.
+pub struct ChecksumOdds {
+    /// Recent share of matching checksums, in thousandths (a moving average).
+    hits_per_mille: AtomicU32,
+    chunks: AtomicU64,
+}
+
+const CHECKSUM_PROBE_EVERY: u64 = 16;
+const CHECKSUM_WORTH_PER_MILLE: u32 = 250;
+
+impl ChecksumOdds {
+    pub fn new() -> ChecksumOdds {
+        ChecksumOdds {
+            hits_per_mille: AtomicU32::new(1000),
+            chunks: AtomicU64::new(0),
+        }
+    }
+
+    fn worth_it(&self) -> bool {
+        let n = self.chunks.fetch_add(1, Ordering::Relaxed);
+        n.is_multiple_of(CHECKSUM_PROBE_EVERY)
+            || self.hits_per_mille.load(Ordering::Relaxed) >= CHECKSUM_WORTH_PER_MILLE
+    }
+
+    fn record(&self, hit: bool) {
+        let old = self.hits_per_mille.load(Ordering::Relaxed);
+        let new = (old * 7 + if hit { 1000 } else { 0 }) / 8;
+        self.hits_per_mille.store(new, Ordering::Relaxed);
+    }
+}
+
 /// Copies one chunk to the peer and marks it in sync once confirmed.
 async fn resync_chunk(
     volume: &Volume,
@@ -112,7 +148,7 @@ async fn resync_chunk(
     peer: &Peer,
     offset: u64,
     len: u64,
-    checksum_first: bool,
+    checksum_first: Option<&ChecksumOdds>,
     cap: Option<&RateCap>,
 ) -> Result<(), String> {
     let lost = |_: Lost| "link lost during resync".to_string();
@@ -127,7 +163,7 @@ async fn resync_chunk(
     // that may already be mostly right, only the checksum goes first.
     let mut kind = if is_zero(&data) {
         ChunkKind::Zero
-    } else if checksum_first {
+    } else if checksum_first.is_some_and(ChecksumOdds::worth_it) {
         ChunkKind::Checksum
     } else {
         ChunkKind::Data
@@ -160,6 +196,9 @@ async fn resync_chunk(
     let reply = link.enqueue(&message).await;
     drop(guard);
     let mut answer = reply.map_err(lost)?.written().await.map_err(lost)?;
+    if let (ChunkKind::Checksum, Some(odds)) = (kind, checksum_first) {
+        odds.record(answer != CHECKSUM_DIFFERS);
+    }
     if kind == ChunkKind::Checksum && answer == CHECKSUM_DIFFERS {
         // It differs after all: send the data, read afresh under the gate.
         if let Some(cap) = cap {
@@ -217,6 +256,7 @@ pub async fn resync_source(
 ) {
     let mut pace = Pace::new();
     let cap = RateCap::new(peer.resync_rate_max_bytes_per_s);
+    let odds = checksum_first.then(|| Arc::new(ChecksumOdds::new()));
     let mut acks = tokio::task::JoinSet::new();
     let result: Result<(), String> = async {
         // Rounds until nothing is left: a write that raced the start of the
@@ -235,7 +275,7 @@ pub async fn resync_source(
                             .map_err(|e| e.to_string())??;
                     }
                     let (volume, peer, link) = (volume.clone(), peer.clone(), link.clone());
-                    let cap = cap.clone();
+                    let (cap, odds) = (cap.clone(), odds.clone());
                     // Each chunk in its own task: reads overlap with sending.
                     acks.spawn(async move {
                         resync_chunk(
@@ -244,7 +284,7 @@ pub async fn resync_source(
                             &peer,
                             chunk_offset,
                             chunk_len,
-                            checksum_first,
+                            odds.as_deref(),
                             cap.as_deref(),
                         )
                         .await
@@ -341,6 +381,25 @@ mod tests {
             pieces.iter().map(|p| p.1).sum::<u64>(),
             3 * RESYNC_CHUNK_BYTES + 512
         );
+    }
+
+    #[test]
+    fn checksums_go_first_only_while_they_match() {
+        let odds = ChecksumOdds::new();
+        let used = |odds: &ChecksumOdds, n| (0..n).filter(|_| odds.worth_it()).count();
+        assert_eq!(used(&odds, 32), 32, "a fresh copy tries checksums");
+        for _ in 0..16 {
+            odds.record(false);
+        }
+        assert_eq!(
+            used(&odds, 64),
+            64 / CHECKSUM_PROBE_EVERY as usize,
+            "a disk that matches nowhere gets only probes"
+        );
+        for _ in 0..8 {
+            odds.record(true);
+        }
+        assert_eq!(used(&odds, 16), 16, "matches make checksums worth it again");
     }
 
     #[tokio::test(start_paused = true)]
