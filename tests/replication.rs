@@ -486,6 +486,8 @@ fn resync_converges_under_continuous_writes() {
             "--iodepth=8",
             "--time_based",
             "--runtime=60",
+            // Jobs as threads of the one process, so killing it ends them.
+            "--thread",
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -101,9 +101,11 @@ pub struct Channel {
     window: Arc<Semaphore>,
     pending: Mutex<HashMap<u64, Waiter>>,
     incoming: mpsc::UnboundedSender<(u64, Message)>,
-    /// Highest sequence number taken in order, and the last one confirmed.
+    /// Highest sequence number taken in order, and the last one confirmed
+    /// on each link (every link confirms, so a link that died unnoticed
+    /// does not hold the sender's window).
     taken: AtomicU64,
-    confirmed: AtomicU64,
+    confirmed: [AtomicU64; LINKS_MAX],
     /// Which links are up; all false once the channel is closed.
     links_up: watch::Sender<[bool; LINKS_MAX]>,
     closed: watch::Sender<Option<String>>,
@@ -138,7 +140,7 @@ impl Channel {
             pending: Mutex::new(HashMap::new()),
             incoming,
             taken: AtomicU64::new(0),
-            confirmed: AtomicU64::new(0),
+            confirmed: Default::default(),
             links_up: watch::channel([false; LINKS_MAX]).0,
             closed: watch::channel(None).0,
             epoch: AtomicU64::new(0),
@@ -445,10 +447,8 @@ impl Channel {
         loop {
             tokio::time::sleep(RECEIVED_INTERVAL).await;
             let taken = self.taken.load(Ordering::Relaxed);
-            // Link 0 confirms, or link 1 when link 0 is down.
-            let confirms = index == 0 || !self.links_up.borrow()[0];
-            if confirms && taken > self.confirmed.load(Ordering::Relaxed) {
-                self.confirmed.store(taken, Ordering::Relaxed);
+            if taken > self.confirmed[index].load(Ordering::Relaxed) {
+                self.confirmed[index].store(taken, Ordering::Relaxed);
                 self.send_unsequenced(Some(index), &Message::Received { upto: taken });
             }
             if last_ping.elapsed() >= ping_every {
