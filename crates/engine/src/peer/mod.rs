@@ -6,7 +6,7 @@
 //! The node whose name sorts first connects; the other listens on each of
 //! its links. The first link to come up carries the handshake that opens a
 //! session; the others join that session. A session lives as long as one
-//! of its links does (see [`channel`]).
+//! of its links does (see [`Channel`]).
 
 mod channel;
 mod resync;
