@@ -458,7 +458,7 @@ impl Volume {
     /// by the activity log).
     async fn replicate(
         self: &Arc<Self>,
-        link: &Channel,
+        link: &Arc<Channel>,
         mut message: Message,
         offset: u64,
         len: u64,
@@ -487,13 +487,13 @@ impl Volume {
         let (local, remote) = tokio::join!(local, remote);
         local?;
         match remote {
-            Ok(PeerHalf::Answered(errno)) => self.peer_result(offset, len, Ok(errno)),
-            Err(Lost) => self.peer_result(offset, len, Err(Lost)),
+            Ok(PeerHalf::Answered(errno)) => self.peer_result(link, offset, len, Ok(errno)),
+            Err(Lost) => self.peer_result(link, offset, len, Err(Lost)),
             Ok(PeerHalf::Pending(reply)) => {
-                let volume = self.clone();
+                let (volume, link) = (self.clone(), link.clone());
                 tokio::spawn(async move {
                     let answer = reply.written().await;
-                    if let Err(e) = volume.peer_result(offset, len, answer) {
+                    if let Err(e) = volume.peer_result(&link, offset, len, answer) {
                         tracing::error!(error = %e, offset, "cannot mark an unconfirmed write for resync");
                     }
                 });
@@ -538,7 +538,13 @@ impl Volume {
 
     /// Accounts for the peer's answer to a write: a failure or a lost link
     /// leaves the range marked for resync before the client hears success.
-    fn peer_result(&self, offset: u64, len: u64, remote: Result<u32, Lost>) -> Result<(), Error> {
+    fn peer_result(
+        &self,
+        link: &Channel,
+        offset: u64,
+        len: u64,
+        remote: Result<u32, Lost>,
+    ) -> Result<(), Error> {
         match remote {
             Ok(0) => return Ok(()),
             Ok(errno) => {
@@ -549,10 +555,21 @@ impl Volume {
                 "the peer went away with a write in flight; marked for resync"
             ),
         }
-        self.set_link(None);
-        self.open_generation()?;
         self.tracker.mark(offset, len);
-        Ok(())
+        self.peer_missed(link, "the peer did not confirm a write")
+    }
+
+    /// The peer may lack something this node wrote through `link`: it is
+    /// marked already. Whatever session carries writes now ends too (even
+    /// a newer one, whose handshake did not know of the mark), so the next
+    /// handshake sees the mark and resyncs it.
+    fn peer_missed(&self, link: &Channel, why: &str) -> Result<(), Error> {
+        link.close(why);
+        let current = self.link.lock().unwrap().take();
+        if let Some(current) = current {
+            current.close(why);
+        }
+        self.open_generation()
     }
 
     pub async fn flush(&self) -> Result<(), Error> {
@@ -576,10 +593,8 @@ impl Volume {
             _ => {
                 // The peer may not have made them durable: resync all it has.
                 tracing::warn!("the peer did not confirm a flush; everything is marked for resync");
-                self.set_link(None);
-                self.open_generation()?;
                 self.tracker.mark_all();
-                Ok(())
+                self.peer_missed(&link, "the peer did not confirm a flush")
             }
         }
     }

@@ -257,11 +257,19 @@ impl Channel {
         }
     }
 
-    /// The peer has taken every frame up to `upto`: forget them.
-    fn confirm(&self, upto: u64) {
+    /// The peer has taken every frame up to `upto`: forget them. A claim
+    /// beyond what was sent is a broken peer.
+    fn confirm(&self, upto: u64) -> Result<(), String> {
         let mut send = self.send.lock().unwrap();
+        if upto >= send.next_seq {
+            return Err(format!(
+                "peer confirmed frame {upto}, but only {} were sent",
+                send.next_seq - 1
+            ));
+        }
         let keep = send.unconfirmed.split_off(&(upto + 1));
         send.unconfirmed = keep;
+        Ok(())
     }
 
     /// Which links are up now, and a way to wait for changes.
@@ -307,15 +315,26 @@ impl Channel {
             )),
             AbortOnDrop(tokio::spawn(self.clone().ping_link(index, generation))),
         ];
-        send.links[index] = Some(LinkSlot {
+        let replaced = send.links[index].replace(LinkSlot {
             generation,
             queue,
             queued_bytes,
             _tasks: tasks,
         });
+        // The peer redialled a link this side had not yet seen die: what the
+        // old connection carried unconfirmed goes again on the new one.
+        if replaced.is_some() {
+            let state = &mut *send;
+            for entry in state.unconfirmed.values().filter(|e| e.link == index) {
+                queue_on(&state.links, index, entry.frame.clone());
+            }
+        }
+        // The new connection has confirmed nothing yet.
+        self.confirmed[index].store(0, Ordering::Relaxed);
         self.links_up
             .send_replace(std::array::from_fn(|i| send.links[i].is_some()));
         drop(send);
+        drop(replaced);
         if index > 0 || self.links_up.borrow().iter().filter(|up| **up).count() > 1 {
             tracing::info!(link = index, "link to the peer is up");
         }
@@ -423,7 +442,11 @@ impl Channel {
     async fn read_link(self: Arc<Self>, index: usize, generation: u64, mut reader: FrameReader) {
         let reason = loop {
             match reader.next_with_seq().await {
-                Ok((0, Message::Received { upto })) => self.confirm(upto),
+                Ok((0, Message::Received { upto })) => {
+                    if let Err(e) = self.confirm(upto) {
+                        break e;
+                    }
+                }
                 Ok((0, Message::Ping { .. } | Message::Pong { .. })) => {}
                 Ok((0, other)) => {
                     break format!("unexpected unsequenced {other:?}");

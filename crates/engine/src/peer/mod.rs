@@ -44,6 +44,8 @@ const REFUSED_RETRY_DELAY: Duration = Duration::from_secs(10);
 const APPLYING_MAX: u32 = 128;
 /// Link connections between accepting and their handshake.
 const ARRIVALS_QUEUED_MAX: usize = 2 * LINKS_MAX;
+/// Link handshakes under way at once on one listening link.
+const HANDSHAKES_MAX: usize = 4;
 
 /// A flag in Hello: this side's bitmap is not empty.
 pub const HELLO_FLAG_DIRTY: u32 = 1 << 31;
@@ -396,6 +398,9 @@ impl Manager {
             self.volume.set_link(None);
             if let Some(channel) = self.peer.channel.lock().unwrap().take() {
                 channel.close("session ended");
+                // A session was up: the next attempt starts from the
+                // shortest delay again.
+                delay = RECONNECT_DELAY_MIN;
             }
             let retry_after = match &outcome {
                 Err(PeerError::Refused(reason)) => {
@@ -445,6 +450,8 @@ impl Manager {
         listener: TcpListener,
         arrivals: mpsc::Sender<Arrival>,
     ) {
+        // Unauthenticated connections cost memory: only a few at a time.
+        let handshakes = Arc::new(Semaphore::new(HANDSHAKES_MAX));
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -457,9 +464,18 @@ impl Manager {
             if !*self.peer.wanted.borrow() {
                 continue;
             }
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    link = index,
+                    "too many link handshakes at once; connection dropped"
+                );
+                continue;
+            };
             let (me, arrivals) = (self.clone(), arrivals.clone());
             tokio::spawn(async move {
-                match me.link_handshake(index, stream, 0, false).await {
+                let handshake = me.link_handshake(index, stream, 0, false).await;
+                drop(permit);
+                match handshake {
                     Ok(arrival) => {
                         let _ = arrivals.send(arrival).await;
                     }
@@ -504,6 +520,7 @@ impl Manager {
             inner: BufReader::with_capacity(256 * 1024, read_half),
             timeout: self.timeout,
             volume_uuid: None,
+            payload_max_bytes: HANDSHAKE_PAYLOAD_MAX_BYTES,
         };
         let mut writer = BufWriter::with_capacity(256 * 1024, write_half);
         let mut local = self.volume.hello(index as u8);
@@ -555,22 +572,36 @@ impl Manager {
     /// The connecting side: the first link to answer opens a new session.
     async fn connector_session(self: &Arc<Self>) -> Result<(), PeerError> {
         let session = blkmirror_metadata::fresh_generation().max(1);
-        let mut dials = tokio::task::JoinSet::new();
+        // Every link tries at once; the first through its handshake opens
+        // the session (the peer takes any other one that gets through with
+        // the same session number as joining it).
+        let mut attempts = tokio::task::JoinSet::new();
         for index in 0..self.peer_links.len() {
             let me = self.clone();
-            dials.spawn(async move { (index, me.dial(index).await) });
+            attempts.spawn(async move {
+                let stream = me.dial(index).await?;
+                me.link_handshake(index, stream, session, false).await
+            });
         }
         let mut failure = None;
-        let (index, stream) = loop {
-            match dials.join_next().await {
-                Some(Ok((index, Ok(stream)))) => break (index, stream),
-                Some(Ok((_, Err(e)))) => failure = Some(e),
-                Some(Err(_)) => {}
-                None => return Err(failure.expect("at least one link")),
+        let first = loop {
+            match attempts.join_next().await {
+                Some(Ok(Ok(arrival))) => break arrival,
+                // A refusal says more than a link that is merely down.
+                Some(Ok(Err(e))) => {
+                    if !matches!(failure, Some(PeerError::Refused(_))) {
+                        failure = Some(e);
+                    }
+                }
+                Some(Err(e)) => failure = Some(PeerError::Wire(format!("link task failed: {e}"))),
+                None => {
+                    return Err(
+                        failure.unwrap_or_else(|| PeerError::Wire("no link configured".into()))
+                    )
+                }
             }
         };
-        drop(dials);
-        let first = self.link_handshake(index, stream, session, false).await?;
+        drop(attempts);
         self.session(first, session, None).await
     }
 
@@ -619,7 +650,7 @@ impl Manager {
         );
         let (channel, inbox) = Channel::new(volume_uuid, self.timeout);
         let _close = CloseOnDrop(channel.clone());
-        first.reader.volume_uuid = Some(volume_uuid);
+        first.reader.trust(volume_uuid);
         channel.attach(first.index, first.reader, first.writer);
         *self.peer.channel.lock().unwrap() = Some(channel.clone());
         let remote = &first.remote;
@@ -661,7 +692,8 @@ impl Manager {
                 outcome = &mut run => return outcome,
                 arrival = arrivals.recv() => {
                     let mut arrival = arrival.expect("acceptors live as long as the manager");
-                    if arrival.remote.flags & HELLO_FLAG_JOIN == 0 {
+                    // Another session number: the peer started over.
+                    if arrival.remote.flags & HELLO_FLAG_JOIN == 0 && arrival.remote.session != session {
                         *carried = Some(arrival);
                         return Err(PeerError::Superseded);
                     }
@@ -671,7 +703,7 @@ impl Manager {
                         tracing::debug!(link = arrival.index, "a link of another session; dropped");
                         continue;
                     }
-                    arrival.reader.volume_uuid = Some(volume_uuid);
+                    arrival.reader.trust(volume_uuid);
                     channel.attach(arrival.index, arrival.reader, arrival.writer);
                 }
             }
@@ -698,7 +730,7 @@ impl Manager {
             };
             match joined.await {
                 Ok(mut arrival) if arrival.remote.volume_uuid == channel.volume_uuid() => {
-                    arrival.reader.volume_uuid = Some(channel.volume_uuid());
+                    arrival.reader.trust(channel.volume_uuid());
                     channel.attach(index, arrival.reader, arrival.writer);
                     delay = RECONNECT_DELAY_MIN;
                     continue;
@@ -762,9 +794,10 @@ impl Manager {
             ));
         }
         let mut decision = decide(&side(local), &side(remote));
-        if decision == SyncDecision::InSync
-            && (self.volume.out_of_sync_bytes() > 0 || remote.flags & HELLO_FLAG_DIRTY != 0)
-        {
+        // From the two Hellos only, so both nodes decide alike; a mark made
+        // since this node's Hello is caught once the link is up.
+        let dirty = |h: &Hello| h.flags & HELLO_FLAG_DIRTY != 0;
+        if decision == SyncDecision::InSync && (dirty(local) || dirty(remote)) {
             // Same generation but a crash left regions marked: they are copied
             // from the primary, or from the node named first if neither is.
             let local_is_source =
@@ -1159,9 +1192,21 @@ pub(crate) struct FrameReader {
     timeout: Duration,
     /// Once agreed, every frame must carry it.
     volume_uuid: Option<[u8; 16]>,
+    /// Largest payload accepted: small until the peer has proved who it is.
+    payload_max_bytes: u32,
 }
 
+/// Largest payload before authentication (a Hello or a proof is far smaller).
+const HANDSHAKE_PAYLOAD_MAX_BYTES: u32 = 4096;
+
 impl FrameReader {
+    /// The handshake is done: frames must name `volume_uuid` and may carry
+    /// data.
+    fn trust(&mut self, volume_uuid: [u8; 16]) {
+        self.volume_uuid = Some(volume_uuid);
+        self.payload_max_bytes = blkmirror_proto::PAYLOAD_MAX_BYTES;
+    }
+
     async fn next(&mut self) -> Result<Message, PeerError> {
         Ok(self.next_with_seq().await?.1)
     }
@@ -1182,6 +1227,12 @@ impl FrameReader {
             if header.volume_uuid != uuid {
                 return Err(PeerError::Wire("frame for another volume".into()));
             }
+        }
+        if header.payload_len > self.payload_max_bytes {
+            return Err(PeerError::Wire(format!(
+                "a {}-byte payload where at most {} are allowed now",
+                header.payload_len, self.payload_max_bytes
+            )));
         }
         let mut payload = vec![0u8; header.payload_len as usize];
         self.inner.read_exact(&mut payload).await?;
