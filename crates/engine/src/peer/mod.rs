@@ -516,12 +516,10 @@ impl Manager {
     ) -> Result<Arrival, PeerError> {
         stream.set_nodelay(true)?;
         let (read_half, write_half) = stream.into_split();
-        let mut reader = FrameReader {
-            inner: BufReader::with_capacity(256 * 1024, read_half),
-            timeout: self.timeout,
-            volume_uuid: None,
-            payload_max_bytes: HANDSHAKE_PAYLOAD_MAX_BYTES,
-        };
+        let mut reader = FrameReader::new(
+            BufReader::with_capacity(256 * 1024, read_half),
+            self.timeout,
+        );
         let mut writer = BufWriter::with_capacity(256 * 1024, write_half);
         let mut local = self.volume.hello(index as u8);
         local.session = session;
@@ -1200,6 +1198,15 @@ pub(crate) struct FrameReader {
 const HANDSHAKE_PAYLOAD_MAX_BYTES: u32 = 4096;
 
 impl FrameReader {
+    fn new(inner: BufReader<OwnedReadHalf>, timeout: Duration) -> FrameReader {
+        FrameReader {
+            inner,
+            timeout,
+            volume_uuid: None,
+            payload_max_bytes: HANDSHAKE_PAYLOAD_MAX_BYTES,
+        }
+    }
+
     /// The handshake is done: frames must name `volume_uuid` and may carry
     /// data.
     fn trust(&mut self, volume_uuid: [u8; 16]) {
