@@ -192,7 +192,11 @@ async fn reap(shared: Arc<Shared>) {
         guard.clear_ready();
         let mut ring = shared.ring.lock().unwrap();
         ring.reap();
-        ring.submit();
+        // Only what reaping pushed (continuations, the backlog) needs a
+        // system call.
+        if !ring.ring.submission().is_empty() {
+            ring.submit();
+        }
     }
 }
 
