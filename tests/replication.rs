@@ -514,3 +514,75 @@ fn resync_converges_under_continuous_writes() {
     res.wait_established("beta");
     res.assert_identical();
 }
+
+/// A stranger on a link port gets nowhere and harms nothing: garbage, a
+/// frame of another protocol version, and a frame announcing a 16 MiB
+/// payload before any handshake each end the connection at once. The
+/// listening node carries on, and the pair then connects as usual.
+#[test]
+fn bad_frames_on_a_link_are_refused_without_harm() {
+    use std::io::{Read, Write};
+    let res = Resource::new();
+    res.ok("alpha", &["create-md"]);
+    res.ok("beta", &["create-md"]);
+    // beta's name sorts second: it listens.
+    let beta = res.up("beta");
+    let config = std::fs::read_to_string(&res.config).unwrap();
+    let beta_section = config.split("[nodes.beta]").nth(1).unwrap();
+    let link = beta_section
+        .lines()
+        .find_map(|l| l.strip_prefix("links = [\""))
+        .and_then(|l| l.strip_suffix("\"]"))
+        .unwrap()
+        .to_string();
+    let header = |version: u16, payload_len: u32| {
+        let mut h = blkmirror_proto::FrameHeader::for_payload(
+            blkmirror_proto::message::kind::HELLO,
+            0,
+            [0; 16],
+            0,
+            &[],
+        );
+        h.version = version;
+        h.payload_len = payload_len;
+        h.encode().to_vec()
+    };
+    let inputs: [(&str, Vec<u8>); 3] = [
+        ("garbage", vec![0x5a; 200]),
+        ("another version", header(99, 0)),
+        (
+            "an oversized payload",
+            header(blkmirror_proto::PROTOCOL_VERSION, 16 << 20),
+        ),
+    ];
+    for (what, bytes) in inputs {
+        let mut stream = std::net::TcpStream::connect(&link).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(&bytes).unwrap();
+        // The node sends its own Hello, then closes: read to the end.
+        let mut answer = Vec::new();
+        let closed = stream.read_to_end(&mut answer);
+        assert!(
+            closed.is_ok()
+                || closed.as_ref().unwrap_err().kind() == std::io::ErrorKind::ConnectionReset,
+            "{what}: the node did not close the connection: {closed:?}"
+        );
+        assert!(
+            answer.len() < 4096,
+            "{what}: the node sent {} bytes",
+            answer.len()
+        );
+    }
+    assert!(
+        beta.log().contains("at most 4096"),
+        "the oversized payload was refused before it was read: {}",
+        beta.log()
+    );
+    let _alpha = res.up("alpha");
+    res.ok("alpha", &["primary", "--force"]);
+    res.wait_established("alpha");
+    res.wait_established("beta");
+    res.assert_identical();
+}
