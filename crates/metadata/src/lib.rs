@@ -88,7 +88,8 @@ pub fn create(dev: &impl MetaDevice, opts: &CreateOptions) -> Result<Superblock,
         volume_uuid: opts.volume_uuid,
         node_name: opts.node_name.to_string(),
         layout,
-        flags: Flags::empty(),
+        // Nothing has run on it yet, so nothing can have crashed.
+        flags: Flags::CLEAN_SHUTDOWN,
         generations: Generations::default(),
         created_unix_s: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
