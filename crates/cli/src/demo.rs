@@ -28,7 +28,7 @@ fn demo_config(dir: &Path) -> anyhow::Result<String> {
             .local_addr()?
             .port())
     };
-    let (alpha_port, beta_port) = (port()?, port()?);
+    let (alpha_ports, beta_ports) = ([port()?, port()?], [port()?, port()?]);
     Ok(format!(
         r#"# The demo's resource: two nodes on this machine.
 name = "demo"
@@ -36,16 +36,18 @@ protocol = "C"
 
 [nodes.alpha]
 disk = "{d}/alpha.img"
-links = ["127.0.0.1:{alpha_port}"]
+# Two mirror-disk-connect links: both carry traffic, either may fail.
+links = ["127.0.0.1:{}", "127.0.0.1:{}"]
 control = "{d}/alpha.ctl"
 nbd = "unix:{d}/alpha.nbd"
 
 [nodes.beta]
 disk = "{d}/beta.img"
-links = ["127.0.0.1:{beta_port}"]
+links = ["127.0.0.1:{}", "127.0.0.1:{}"]
 control = "{d}/beta.ctl"
 nbd = "unix:{d}/beta.nbd"
-"#
+"#,
+        alpha_ports[0], alpha_ports[1], beta_ports[0], beta_ports[1]
     ))
 }
 
@@ -139,6 +141,15 @@ pub async fn run() -> anyhow::Result<()> {
     println!("    read back through NBD: every byte matches");
     compare_replicas(&alpha, &beta)?;
     println!("    beta's disk holds the same bytes as alpha's");
+    if let Some(peer) = commands::fetch_status(&alpha).await?.peer {
+        let sent: Vec<String> = peer
+            .links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| format!("{:.1} MiB on link {i}", l.sent_bytes as f64 / 1048576.0))
+            .collect();
+        println!("    alpha sent {}", sent.join(" and "));
+    }
 
     step("beta goes away (`blkmirror down`); alpha keeps serving and counts what beta misses");
     commands::down(&beta).await?;
