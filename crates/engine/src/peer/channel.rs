@@ -237,6 +237,12 @@ impl Channel {
         Ok(reply)
     }
 
+    /// Answers the peer's frame `seq` (errno 0 for success). A lost channel
+    /// needs no answer: the peer resends or resyncs what it did not hear of.
+    pub async fn acknowledge(&self, seq: u64, kind: AckKind, errno: u32) {
+        let _ = self.send(&Message::Ack { seq, kind, errno }).await;
+    }
+
     /// Routes the peer's answer to frame `seq` to its waiter.
     pub fn answer(&self, seq: u64, kind: AckKind, errno: u32) {
         let mut pending = self.pending.lock().unwrap();

@@ -958,13 +958,7 @@ impl Manager {
                     data,
                 } => {
                     if flags & WRITE_FLAG_ACK_RECEIVED != 0 {
-                        let _ = link
-                            .send(&Message::Ack {
-                                seq,
-                                kind: AckKind::Received,
-                                errno: 0,
-                            })
-                            .await;
+                        link.acknowledge(seq, AckKind::Received, 0).await;
                     }
                     self.apply(link, &applying, seq, offset, data, flags)
                         .await?
@@ -983,13 +977,7 @@ impl Manager {
                             Ok(_) => CHECKSUM_DIFFERS,
                             Err(e) => e.errno() as u32,
                         };
-                        let _ = link
-                            .send(&Message::Ack {
-                                seq,
-                                kind: AckKind::Written,
-                                errno: answer,
-                            })
-                            .await;
+                        link.acknowledge(seq, AckKind::Written, answer).await;
                     });
                 }
                 Message::Ack { seq, kind, errno } => link.answer(seq, kind, errno),
@@ -1011,13 +999,7 @@ impl Manager {
                             Ok(()) => 0,
                             Err(e) => e.errno() as u32,
                         };
-                        let _ = link
-                            .send(&Message::Ack {
-                                seq,
-                                kind: AckKind::Written,
-                                errno,
-                            })
-                            .await;
+                        link.acknowledge(seq, AckKind::Written, errno).await;
                     });
                 }
                 Message::State { role, .. } => self.peer.set(|s| {
@@ -1076,13 +1058,7 @@ impl Manager {
                     e.errno() as u32
                 }
             };
-            let _ = link
-                .send(&Message::Ack {
-                    seq,
-                    kind: AckKind::Written,
-                    errno,
-                })
-                .await;
+            link.acknowledge(seq, AckKind::Written, errno).await;
         });
         Ok(())
     }

@@ -204,18 +204,13 @@ async fn resync_chunk(
         if let Some(cap) = cap {
             cap.admit(len).await;
         }
-        let (guard, data) = volume
-            .read_for_resync(offset, len)
-            .await
-            .map_err(|e| e.to_string())?;
-        let reply = link
-            .enqueue(&Message::ResyncData {
+        answer = send_range(volume, link, offset, len, "resync", |data| {
+            Message::ResyncData {
                 offset,
                 data: data.to_vec(),
-            })
-            .await;
-        drop(guard);
-        answer = reply.map_err(lost)?.written().await.map_err(lost)?;
+            }
+        })
+        .await?;
         kind = ChunkKind::Data;
     }
     if answer != 0 {
@@ -226,6 +221,27 @@ async fn resync_chunk(
     volume.mark_in_sync(offset, len);
     peer.progress(len, kind);
     Ok(())
+}
+
+/// Reads a range under the range gate and queues what `build` makes of it,
+/// so it is ordered before any later write to the range; returns the peer's
+/// answer. `during` names the work for the error when the link is lost.
+async fn send_range(
+    volume: &Volume,
+    link: &Channel,
+    offset: u64,
+    len: u64,
+    during: &str,
+    build: impl FnOnce(&[u8]) -> Message,
+) -> Result<u32, String> {
+    let lost = |_: Lost| format!("link lost during {during}");
+    let (guard, data) = volume
+        .read_for_resync(offset, len)
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply = link.enqueue(&build(&data)).await;
+    drop(guard);
+    reply.map_err(lost)?.written().await.map_err(lost)
 }
 
 /// True when every byte is zero (checked eight bytes at a time).
@@ -338,20 +354,15 @@ pub async fn verify(
         }
         let (volume, link) = (volume.clone(), link.clone());
         checks.spawn(async move {
-            let lost = |_: Lost| "link lost during verify".to_string();
-            let (guard, data) = volume
-                .read_for_resync(offset, len)
-                .await
-                .map_err(|e| e.to_string())?;
-            let reply = link
-                .enqueue(&Message::ResyncChecksum {
+            let answer = send_range(&volume, &link, offset, len, "verify", |data| {
+                Message::ResyncChecksum {
                     offset,
                     len: len as u32,
-                    crc: crc32c::crc32c(&data),
-                })
-                .await;
-            drop(guard);
-            match reply.map_err(lost)?.written().await.map_err(lost)? {
+                    crc: crc32c::crc32c(data),
+                }
+            })
+            .await?;
+            match answer {
                 0 => Ok((offset, len, false)),
                 CHECKSUM_DIFFERS => Ok((offset, len, true)),
                 errno => Err(format!("peer failed to read at {offset}: errno {errno}")),
