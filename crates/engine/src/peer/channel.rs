@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blkmirror_config::LINKS_MAX;
 use blkmirror_proto::{AckKind, Message};
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -20,8 +21,6 @@ use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::{AbortOnDrop, FrameReader, PeerError};
 
-/// Links a node may have to its peer.
-pub const LINKS_MAX: usize = 2;
 /// Bytes sent but not yet confirmed as received, over all links: bounds the
 /// memory kept for resending and the receiver's reordering.
 const UNCONFIRMED_BYTES_MAX: usize = 64 << 20;

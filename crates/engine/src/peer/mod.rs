@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use blkmirror_config::Config;
+use blkmirror_config::{Config, LINKS_MAX};
 use blkmirror_metadata::superblock::Flags;
 use blkmirror_metadata::sync_decision::{decide, SyncDecision};
 use blkmirror_proto::message::{
@@ -29,9 +29,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
-pub use channel::{Channel, Lost, Reply, LINKS_MAX};
+pub use channel::{Channel, Lost, Reply};
 use resync::{ChunkKind, CHECKSUM_DIFFERS};
-pub use resync::{RESYNC_CHUNK_BYTES, RESYNC_WINDOW_BUSY, RESYNC_WINDOW_IDLE};
 
 use crate::volume::{Role, Volume};
 
