@@ -370,5 +370,10 @@ pub fn synced_pair_with(
     res.wait_established("alpha");
     let beta_status = res.wait_established("beta");
     assert_eq!(beta_status["disk_state"], "UpToDate", "{beta_status}");
+    assert_eq!(beta_status["peer_disk_state"], "UpToDate", "{beta_status}");
+    // The target tells the source its new state once the copy is done.
+    res.wait_status("alpha", "the peer's disk reported UpToDate", |s| {
+        s["peer_disk_state"] == "UpToDate"
+    });
     (alpha, beta)
 }

@@ -102,12 +102,12 @@ async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Pee
             } else {
                 volume.promote(force)
             };
-            volume.announce_role().await;
+            volume.announce_state().await;
             (to_response(result), false)
         }
         Request::Secondary => {
             let result = volume.demote().await;
-            volume.announce_role().await;
+            volume.announce_state().await;
             (to_response(result), false)
         }
         Request::Connect => {

@@ -630,18 +630,21 @@ impl Volume {
 
     // ---- replication: what the peer connection needs from the volume ----
 
-    /// Tells a connected peer this node's role.
-    pub async fn announce_role(&self) {
+    /// This node's role and disk state, as the peer is told of them.
+    pub fn state_message(&self) -> Message {
+        let state = self.state.lock().unwrap();
+        Message::State {
+            role: u8::from(state.role == Role::Primary),
+            disk_state: 0,
+            flags: state.superblock.flags.bits(),
+        }
+    }
+
+    /// Tells a connected peer this node's role and disk state.
+    pub async fn announce_state(&self) {
         let link = self.link.lock().unwrap().clone();
         if let Some(link) = link {
-            let role = u8::from(self.role() == Role::Primary);
-            let _ = link
-                .send(&Message::State {
-                    role,
-                    disk_state: 0,
-                    flags: 0,
-                })
-                .await;
+            let _ = link.send(&self.state_message()).await;
         }
     }
 

@@ -658,10 +658,7 @@ impl Manager {
             } else {
                 Role::Secondary
             });
-            s.peer_disk_state = Some(format!(
-                "{:?}",
-                crate::volume::DiskState::from_flags(Flags::from_bits_truncate(remote.flags))
-            ));
+            s.peer_disk_state = Some(disk_state_name(remote.flags));
             s.last_error = None;
             s.resync = ResyncStatus::default();
         });
@@ -896,13 +893,9 @@ impl Manager {
                         }
                     }
                 }
-                link.send(&Message::State {
-                    role: 0,
-                    disk_state: 0,
-                    flags: 0,
-                })
-                .await
-                .map_err(|_| PeerError::Wire("link closed".into()))?;
+                link.send(&volume.state_message())
+                    .await
+                    .map_err(|_| PeerError::Wire("link closed".into()))?;
                 self.peer
                     .set(|s| s.replication = ReplicationState::SyncTarget);
                 self.serve(&mut inbox, link, None).await
@@ -1001,15 +994,17 @@ impl Manager {
                         link.acknowledge(seq, AckKind::Written, errno).await;
                     });
                 }
-                Message::State { role, .. } => self.peer.set(|s| {
+                Message::State { role, flags, .. } => self.peer.set(|s| {
                     s.peer_role = Some(if role == 1 {
                         Role::Primary
                     } else {
                         Role::Secondary
-                    })
+                    });
+                    s.peer_disk_state = Some(disk_state_name(flags));
                 }),
                 Message::ResyncDone { current } => {
                     self.volume.finish_sync_target(current).await?;
+                    let _ = link.send(&self.volume.state_message()).await;
                     self.established(link).await;
                 }
                 other => return Err(PeerError::Wire(format!("unexpected message {other:?}"))),
@@ -1247,4 +1242,12 @@ pub fn fua_flag(fua: bool) -> u32 {
     } else {
         0
     }
+}
+
+/// The disk state named by a peer's superblock flags.
+fn disk_state_name(flags: u32) -> String {
+    format!(
+        "{:?}",
+        crate::volume::DiskState::from_flags(Flags::from_bits_truncate(flags))
+    )
 }
