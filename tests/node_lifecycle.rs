@@ -110,10 +110,6 @@ fn dump_md(res: &Resource, node: &str) -> Value {
     res.json(node, &["dump-md", "--json"])
 }
 
-fn status(res: &Resource, node: &str) -> Value {
-    res.json(node, &["status", "--json"])
-}
-
 fn flags(doc: &Value) -> Vec<String> {
     doc["flags"]
         .as_array()
@@ -246,16 +242,16 @@ async fn restart_keeps_data() {
     write_mix(&mut model, &mut client).await;
     model.check_nbd(&mut client).await;
     client.disconnect().await.unwrap();
-    let generation = status(&res, "alpha")["generations"]["current"].clone();
+    let generation = res.status("alpha")["generations"]["current"].clone();
     res.down("alpha", alpha);
 
     let alpha = res.up("alpha");
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert_eq!(s["role"], "Secondary", "{s}");
     assert_eq!(s["disk_state"], "UpToDate", "{s}");
     // UpToDate data is promoted without --force, and stays in its generation.
     res.ok("alpha", &["primary"]);
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert_eq!(s["role"], "Primary", "{s}");
     assert_eq!(s["generations"]["current"], generation, "{s}");
     let mut client = connect(&res, "alpha").await;
@@ -312,7 +308,7 @@ async fn torn_and_corrupt_superblocks() {
     assert!(!has_flag(&md, "clean_shutdown"), "{md}");
 
     let alpha = res.up("alpha");
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert_eq!(s["disk_state"], "UpToDate", "{s}");
     assert_eq!(s["role"], "Secondary", "{s}");
     // Without the record of the clean shutdown, the node must assume a crash.
@@ -501,7 +497,7 @@ async fn roles_disk_states_and_demotion() {
     let res = Resource::new();
     res.ok("alpha", &["create-md"]);
     let alpha = res.up("alpha");
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert_eq!(s["role"], "Secondary", "{s}");
     assert_eq!(s["disk_state"], "Inconsistent", "{s}");
     assert_eq!(s["nbd_clients"], 0, "{s}");
@@ -514,35 +510,35 @@ async fn roles_disk_states_and_demotion() {
         err.contains("--force") && err.contains("Inconsistent"),
         "{err}"
     );
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert_eq!(
         s["role"], "Secondary",
         "a refused promotion changed the role: {s}"
     );
 
     res.ok("alpha", &["primary", "--force"]);
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert_eq!(s["role"], "Primary", "{s}");
     assert_eq!(s["disk_state"], "UpToDate", "{s}");
     assert_ne!(s["generations"]["current"], "0000000000000000", "{s}");
 
     let mut client = connect(&res, "alpha").await;
     wait_until("nbd_clients to reach 1", REACTION_LIMIT, || {
-        status(&res, "alpha")["nbd_clients"] == 1
+        res.status("alpha")["nbd_clients"] == 1
     });
     let err = refused(&res.cli("alpha", &["secondary"]), "demotion under a client");
     assert!(err.contains("client"), "{err}");
-    assert_eq!(status(&res, "alpha")["role"], "Primary");
+    assert_eq!(res.status("alpha")["role"], "Primary");
     // The attached client still works.
     client.write(0, &pattern(9, 0, 4096), true).await.unwrap();
     assert_eq!(client.read(0, 4096).await.unwrap(), pattern(9, 0, 4096));
     client.disconnect().await.unwrap();
 
     wait_until("nbd_clients to reach 0", REACTION_LIMIT, || {
-        status(&res, "alpha")["nbd_clients"] == 0
+        res.status("alpha")["nbd_clients"] == 0
     });
     res.ok("alpha", &["secondary"]);
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert_eq!(s["role"], "Secondary", "{s}");
     assert_eq!(s["disk_state"], "UpToDate", "{s}");
     assert!(!has_flag(&s, "primary"), "{s}");
@@ -585,7 +581,7 @@ fn sigterm_is_clean_and_sigkill_is_a_crash() {
 
     // A clean restart is no crash.
     let mut alpha = res.up("alpha");
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert!(!has_flag(&s, "crashed_primary"), "{s}");
     assert!(
         !has_flag(&s, "clean_shutdown"),
@@ -608,7 +604,7 @@ fn sigterm_is_clean_and_sigkill_is_a_crash() {
 
     // The next start notices, despite the stale sockets the crash left.
     let alpha = res.up("alpha");
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert!(has_flag(&s, "crashed_primary"), "{s}");
     assert_eq!(s["role"], "Secondary", "{s}");
     assert_eq!(s["disk_state"], "UpToDate", "{s}");
@@ -617,7 +613,7 @@ fn sigterm_is_clean_and_sigkill_is_a_crash() {
     assert!(!has_flag(&md, "primary"), "{md}");
     // Promotion starts a fresh, non-crashed primary life.
     res.ok("alpha", &["primary"]);
-    assert!(!has_flag(&status(&res, "alpha"), "crashed_primary"));
+    assert!(!has_flag(&res.status("alpha"), "crashed_primary"));
     res.down("alpha", alpha);
     let md = dump_md(&res, "alpha");
     assert!(
@@ -636,7 +632,7 @@ fn up_refuses_a_running_node_and_a_foreign_disk() {
     let err = refused(&out, "second up");
     assert!(err.contains("already up"), "{err}");
     assert!(alpha.is_running(), "the first node died: {}", alpha.log());
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert_eq!(s["role"], "Primary", "{s}");
     res.down("alpha", alpha);
 
@@ -692,7 +688,7 @@ fn refused_second_up_leaves_metadata_alone() {
     wait_exit(&mut alpha, REACTION_LIMIT);
     drop(alpha);
     let _alpha = res.up("alpha");
-    let s = status(&res, "alpha");
+    let s = res.status("alpha");
     assert!(
         has_flag(&s, "crashed_primary"),
         "a crash went unnoticed: {s}"
@@ -707,7 +703,7 @@ async fn secondary_export_refuses_clients() {
     let _alpha = res.primary("alpha");
     res.ok("beta", &["create-md"]);
     let _beta = res.up("beta");
-    assert_eq!(status(&res, "beta")["role"], "Secondary");
+    assert_eq!(res.status("beta")["role"], "Secondary");
 
     match Client::connect_unix(&res.nbd_socket("beta"), RESOURCE).await {
         Err(ClientError::Refused { export, message }) => {
@@ -717,7 +713,7 @@ async fn secondary_export_refuses_clients() {
         Err(e) => panic!("expected a refusal, got {e}"),
         Ok(_) => panic!("the secondary accepted an NBD client"),
     }
-    assert_eq!(status(&res, "beta")["nbd_clients"], 0);
+    assert_eq!(res.status("beta")["nbd_clients"], 0);
 
     let mut client = connect(&res, "alpha").await;
     assert_eq!(client.size(), DATA_BYTES);

@@ -170,7 +170,12 @@ fn split_brain_is_refused_and_touches_nothing() {
     res.qemu_io("alpha", &["write -P 0x21 0 64k"]);
     res.down("alpha", alpha);
     let beta = res.up("beta");
-    res.ok("beta", &["primary"]);
+    // beta last saw alpha as primary: alpha may have written since, so
+    // beta is only Consistent and is promoted by force alone.
+    assert_eq!(res.status("beta")["disk_state"], "Consistent");
+    let refusal = res.fails("beta", &["primary"]);
+    assert!(refusal.contains("may have written"), "{refusal}");
+    res.ok("beta", &["primary", "--force"]);
     res.qemu_io("beta", &["write -P 0x22 1M 64k"]);
     res.ok("beta", &["secondary"]);
     let (alpha_before, beta_before) = (res.data_area("alpha"), res.data_area("beta"));

@@ -3,6 +3,8 @@
 //! skipped with a printed reason when missing.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod stamped;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -107,6 +109,22 @@ impl Resource {
     }
 
     /// Like `cli`, but the command must succeed; returns its stdout.
+    /// Runs a command that must fail; returns its error output.
+    pub fn fails(&self, node: &str, args: &[&str]) -> String {
+        let out = self.cli(node, args);
+        assert!(
+            !out.status.success(),
+            "blkmirror {args:?} on {node} succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// `status --json` of a running node.
+    pub fn status(&self, node: &str) -> serde_json::Value {
+        self.json(node, &["status", "--json"])
+    }
+
     pub fn ok(&self, node: &str, args: &[&str]) -> String {
         let out = self.cli(node, args);
         assert!(

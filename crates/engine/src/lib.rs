@@ -42,6 +42,13 @@ pub enum Error {
          you know this node holds the data to keep (it becomes the new generation)"
     )]
     NotUpToDate { disk_state: volume::DiskState },
+    #[error(
+        "Refusing to promote: this node lost contact with its peer while the peer was primary, \
+         so the peer may have written data this node lacks. Reconnect them to find out \
+         (`blkmirror connect` on both), or, only if the peer is down for good and its data is \
+         to be given up, `primary --force`"
+    )]
+    PeerMayHaveWritten,
     #[error("Refusing to promote: the peer {0} is primary, and two primaries are never allowed while connected")]
     PeerIsPrimary(String),
     #[error("Refusing to invalidate a primary: its data is what clients see; demote it first")]

@@ -41,12 +41,14 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     };
     // Only now, with every socket bound, does the node mark its disk as in use.
     volume.start().await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let peer = peer::spawn(config, node, volume.clone(), stop_rx.clone());
+    // The clients stop first; the peer only after the goodbye.
+    let (stop_peer, peer_stopped) = watch::channel(false);
+    let (stop_nbd, nbd_stopped) = watch::channel(false);
+    let peer = peer::spawn(config, node, volume.clone(), peer_stopped);
     let nbd_task = tokio::spawn(blkmirror_nbd::accept_loop(
         nbd_listener,
         Arc::new(NbdExport(volume.clone())),
-        stop_rx.clone(),
+        nbd_stopped,
     ));
     tracing::info!(
         resource = %config.name,
@@ -72,8 +74,10 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
         }
     }
     notify_systemd("STOPPING=1");
-    let _ = stop_tx.send(true);
+    let _ = stop_nbd.send(true);
     let _ = nbd_task.await;
+    volume.say_goodbye().await;
+    let _ = stop_peer.send(true);
     volume.shutdown().await?;
     tracing::info!("node is down (clean shutdown recorded)");
     Ok(())

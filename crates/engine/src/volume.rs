@@ -33,6 +33,9 @@ pub enum DiskState {
     Inconsistent,
     /// Consistent, but known to be older than the peer's.
     Outdated,
+    /// Consistent, but contact with a primary peer was lost: it may have
+    /// written since, and only reconnecting tells whether this is UpToDate.
+    Consistent,
     /// Consistent, and as new as anything this node knows of.
     UpToDate,
 }
@@ -48,6 +51,20 @@ impl DiskState {
         }
     }
 }
+
+/// The disk state `status` reports and promotion checks: an UpToDate disk
+/// whose primary peer went out of contact is only Consistent.
+fn disk_state(flags: Flags, connected: bool) -> DiskState {
+    match DiskState::from_flags(flags) {
+        DiskState::UpToDate if flags.contains(Flags::PEER_PRIMARY) && !connected => {
+            DiskState::Consistent
+        }
+        other => other,
+    }
+}
+
+/// How long a primary going down waits for its peer to confirm the goodbye.
+const GOODBYE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What `status` reports about the volume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -290,21 +307,26 @@ impl Volume {
     /// Makes this node primary. Data that is not UpToDate is only promoted
     /// with `force`, which declares it valid and starts a new generation.
     pub fn promote(&self, force: bool) -> Result<(), Error> {
+        let connected = self.link.lock().unwrap().is_some();
         let mut state = self.state.lock().unwrap();
         if state.role == Role::Primary {
             return Ok(());
         }
-        let disk_state = DiskState::from_flags(state.superblock.flags);
-        if disk_state != DiskState::UpToDate && !force {
-            return Err(Error::NotUpToDate { disk_state });
+        let disk_state = disk_state(state.superblock.flags, connected);
+        match disk_state {
+            DiskState::UpToDate => {}
+            _ if force => {}
+            DiskState::Consistent => return Err(Error::PeerMayHaveWritten),
+            disk_state => return Err(Error::NotUpToDate { disk_state }),
         }
         self.persist(&mut state, |sb| {
             if disk_state != DiskState::UpToDate {
                 tracing::warn!(
                     ?disk_state,
-                    "forced promotion: declaring this node's data valid"
+                    "FORCED PROMOTION: declaring this node's data the newest, in a new generation"
                 );
                 sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
+                sb.flags.remove(Flags::PEER_PRIMARY);
                 sb.generations.start_new(fresh_generation());
             } else if sb.generations.is_just_created() {
                 sb.generations.start_new(fresh_generation());
@@ -312,6 +334,10 @@ impl Volume {
             sb.flags.insert(Flags::PRIMARY);
             sb.flags.remove(Flags::CRASHED_PRIMARY);
         })?;
+        if disk_state != DiskState::UpToDate && !connected {
+            // Writes without the peer belong to the generation just started.
+            state.generation_open = true;
+        }
         state.role = Role::Primary;
         tracing::info!("promoted to Primary");
         Ok(())
@@ -338,6 +364,43 @@ impl Volume {
         Ok(())
     }
 
+    /// Records whether the connected peer is primary: while it is, losing
+    /// it leaves this node's data Consistent rather than UpToDate.
+    pub fn note_peer_role(&self, peer_primary: bool) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap();
+        if state.superblock.flags.contains(Flags::PEER_PRIMARY) == peer_primary {
+            return Ok(());
+        }
+        self.persist(&mut state, |sb| {
+            sb.flags.set(Flags::PEER_PRIMARY, peer_primary)
+        })
+    }
+
+    /// A primary going down tells the connected peer it is primary no
+    /// longer, after every write, so the peer may be promoted without
+    /// `--force`. Waits for the peer's confirmation only for a while.
+    pub async fn say_goodbye(&self) {
+        let link = self.link.lock().unwrap().clone();
+        let Some(link) = link else { return };
+        {
+            let mut state = self.state.lock().unwrap();
+            if state.role != Role::Primary || state.clients > 0 {
+                return;
+            }
+            state.role = Role::Secondary;
+        }
+        let _ = link.send(&self.state_message()).await;
+        let barrier = Message::Barrier {
+            epoch: link.next_epoch(),
+        };
+        match tokio::time::timeout(GOODBYE_WAIT, link.request(&barrier)).await {
+            Ok(Ok(0)) => tracing::info!("the peer knows this node is primary no longer"),
+            _ => tracing::warn!(
+                "the peer did not confirm the goodbye: it will need `primary --force` to take over"
+            ),
+        }
+    }
+
     /// Flushes the data and records a clean shutdown.
     pub async fn shutdown(&self) -> Result<(), Error> {
         self.tracker.flush(&self.store).await?;
@@ -352,13 +415,14 @@ impl Volume {
     }
 
     pub fn status(&self) -> VolumeStatus {
+        let connected = self.link.lock().unwrap().is_some();
         let state = self.state.lock().unwrap();
         let sb = &state.superblock;
         VolumeStatus {
             resource: self.resource.clone(),
             node: self.node.clone(),
             role: state.role,
-            disk_state: DiskState::from_flags(sb.flags),
+            disk_state: disk_state(sb.flags, connected),
             disk: self.disk.clone(),
             data_size: self.data_size,
             volume_uuid: sb.volume_uuid,

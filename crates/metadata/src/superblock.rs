@@ -32,6 +32,9 @@ bitflags! {
         const CRASHED_PRIMARY = 1 << 3;
         /// The node went down cleanly: the on-disk bitmap is complete.
         const CLEAN_SHUTDOWN = 1 << 4;
+        /// The peer was primary when last heard from and has not said
+        /// goodbye since: it may have written what this node lacks.
+        const PEER_PRIMARY = 1 << 5;
     }
 }
 

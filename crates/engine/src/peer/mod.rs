@@ -639,6 +639,8 @@ impl Manager {
     ) -> Result<(), PeerError> {
         let volume_uuid = self.check_hello(&first.local, &first.remote)?;
         let decision = self.decide(&first.local, &first.remote)?;
+        self.volume
+            .note_peer_role(first.remote.flags & Flags::PRIMARY.bits() != 0)?;
         tracing::info!(
             peer = self.peer_name,
             link = first.index,
@@ -994,14 +996,17 @@ impl Manager {
                         link.acknowledge(seq, AckKind::Written, errno).await;
                     });
                 }
-                Message::State { role, flags, .. } => self.peer.set(|s| {
-                    s.peer_role = Some(if role == 1 {
-                        Role::Primary
-                    } else {
-                        Role::Secondary
-                    });
-                    s.peer_disk_state = Some(disk_state_name(flags));
-                }),
+                Message::State { role, flags, .. } => {
+                    self.volume.note_peer_role(role == 1)?;
+                    self.peer.set(|s| {
+                        s.peer_role = Some(if role == 1 {
+                            Role::Primary
+                        } else {
+                            Role::Secondary
+                        });
+                        s.peer_disk_state = Some(disk_state_name(flags));
+                    })
+                }
                 Message::ResyncDone { current } => {
                     self.volume.finish_sync_target(current).await?;
                     let _ = link.send(&self.volume.state_message()).await;
