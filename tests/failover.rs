@@ -194,3 +194,101 @@ async fn planned_switchover_needs_no_force() {
     res.assert_identical();
     work.verify("alpha", &res.data_area("alpha"));
 }
+
+/// Both nodes write while apart: alpha as the primary it was, beta after a
+/// forced promotion. Returns the workload alpha wrote.
+async fn split_brain(res: &Resource) -> Stamped {
+    res.ok("beta", &["disconnect"]);
+    res.wait_status("alpha", "the secondary gone", |s| {
+        s["connection"] != "Connected"
+    });
+    let mut work = Stamped::new(BLOCKS);
+    run_to_end(res, &mut work, "alpha", 1000).await;
+    res.ok("beta", &["primary", "--force"]);
+    res.qemu_io("beta", &["write -P 0x5a 32M 1M"]);
+    res.ok("alpha", &["secondary"]);
+    res.ok("beta", &["secondary"]);
+    work
+}
+
+/// Matrix 4: a split brain is refused and touches nothing; `connect
+/// --discard-my-data` on the victim resolves it by a differential resync
+/// of both sides' changes from the survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_is_resolved_by_discarding_one_side() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, _beta) = synced_pair(&res);
+    let work = split_brain(&res).await;
+    let (alpha_dirty, beta_dirty) = (
+        res.status("alpha")["out_of_sync_bytes"].as_u64().unwrap(),
+        res.status("beta")["out_of_sync_bytes"].as_u64().unwrap(),
+    );
+    assert_eq!(beta_dirty, 1 << 20);
+    let (alpha_before, beta_before) = (res.data_area("alpha"), res.data_area("beta"));
+    res.ok("beta", &["connect"]);
+    let status = res.wait_status("alpha", "split brain", |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("split brain"))
+    });
+    let advice = status["last_error"].as_str().unwrap();
+    assert!(advice.contains("--discard-my-data"), "{advice}");
+    assert!(
+        res.data_area("alpha") == alpha_before,
+        "alpha's data changed"
+    );
+    assert!(res.data_area("beta") == beta_before, "beta's data changed");
+
+    // The victim must not be primary.
+    res.ok("beta", &["primary", "--force"]);
+    let refusal = res.fails("beta", &["connect", "--discard-my-data"]);
+    assert!(refusal.contains("Demote it first"), "{refusal}");
+    res.ok("beta", &["secondary"]);
+
+    res.ok("beta", &["connect", "--discard-my-data"]);
+    res.ok("alpha", &["connect"]);
+    let done = res.wait_status("alpha", "the resync to beta", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    res.wait_established("beta");
+    let moved = done["resync"]["done_bytes"].as_u64().unwrap();
+    eprintln!(
+        "split brain resolved: moved {moved} bytes (alpha changed {alpha_dirty}, beta 1 MiB)"
+    );
+    assert!(
+        moved <= alpha_dirty + beta_dirty,
+        "a differential resync of the union: {moved}"
+    );
+    res.assert_identical();
+    work.verify("beta after discarding its data", &res.data_area("beta"));
+    assert_eq!(res.status("beta")["disk_state"], "UpToDate");
+}
+
+/// The opt-in `after-sb-0pri = "discard-least-changes"` resolves the same
+/// split brain by itself: beta changed less, so beta's changes go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_policy_discards_the_side_with_fewer_changes() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    res.set("after-sb-0pri", "\"discard-least-changes\"");
+    let (_alpha, _beta) = synced_pair(&res);
+    let work = split_brain(&res).await;
+    assert!(res.status("alpha")["out_of_sync_bytes"].as_u64().unwrap() > 1 << 20);
+    res.ok("beta", &["connect"]);
+    res.wait_status("beta", "the policy's resync", |s| {
+        s["replication"] == "Established" && s["disk_state"] == "UpToDate"
+    });
+    res.wait_status("alpha", "the policy's resync", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    res.assert_identical();
+    work.verify(
+        "beta after the policy discarded its data",
+        &res.data_area("beta"),
+    );
+}

@@ -9,7 +9,7 @@
 pub const MAGIC: u32 = 0x424d_5250; // "BMRP"
 /// 2: writes are ordered by the frame's sequence number alone, and
 /// `Received` confirms frames for resending over a second link.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const HEADER_BYTES: usize = 64;
 /// Largest payload a peer may send: one maximal write (32 MiB) plus room for
 /// its own fields. Anything larger is refused before allocation.

@@ -68,6 +68,9 @@ pub struct Hello {
     /// Random per process start, so a peer can tell a restart from a
     /// second link of the same run.
     pub session: u64,
+    /// Bytes the sender's dirty bitmap marks: what it changed (or may have
+    /// changed) that the peer may lack.
+    pub dirty_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +214,7 @@ impl Message {
                 }
                 w.extend_from_slice(&h.flags.to_le_bytes());
                 w.extend_from_slice(&h.session.to_le_bytes());
+                w.extend_from_slice(&h.dirty_bytes.to_le_bytes());
             }
             Message::AuthChallenge { nonce } => w.extend_from_slice(nonce),
             Message::AuthResponse { mac } => w.extend_from_slice(mac),
@@ -311,6 +315,7 @@ impl Message {
                     },
                     flags: r.u32()?,
                     session: r.u64()?,
+                    dirty_bytes: r.u64()?,
                 })
             }
             kind::AUTH_CHALLENGE => Message::AuthChallenge { nonce: r.array()? },
@@ -456,7 +461,7 @@ mod tests {
                 any::<u32>(),
                 any::<[u64; 4]>(),
                 any::<u32>(),
-                any::<u64>()
+                any::<[u64; 2]>()
             )
                 .prop_map(
                     |(
@@ -467,7 +472,7 @@ mod tests {
                         granularity,
                         g,
                         flags,
-                        session,
+                        [session, dirty_bytes],
                     )| {
                         Message::Hello(Hello {
                             volume_uuid,
@@ -482,6 +487,7 @@ mod tests {
                             },
                             flags,
                             session,
+                            dirty_bytes,
                         })
                     }
                 ),

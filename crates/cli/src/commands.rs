@@ -194,8 +194,11 @@ pub async fn secondary(target: &Target) -> anyhow::Result<()> {
     target.call(Request::Secondary).await.map(drop)
 }
 
-pub async fn connect(target: &Target) -> anyhow::Result<()> {
-    target.call(Request::Connect).await.map(drop)
+pub async fn connect(target: &Target, discard_my_data: bool) -> anyhow::Result<()> {
+    target
+        .call(Request::Connect { discard_my_data })
+        .await
+        .map(drop)
 }
 
 pub async fn invalidate(target: &Target) -> anyhow::Result<()> {

@@ -58,7 +58,13 @@ enum Command {
     /// Demote this node to secondary.
     Secondary,
     /// Connect to the peer (again, after `disconnect`).
-    Connect,
+    Connect {
+        /// Resolve a split brain: this node's changes since the nodes
+        /// parted are thrown away and it takes the peer's data instead.
+        /// Only on a secondary; applies to the next connection only.
+        #[arg(long)]
+        discard_my_data: bool,
+    },
     /// Drop the link to the peer and stay StandAlone until `connect`.
     Disconnect,
     /// Mark this node's data to be overwritten by the peer (full copy).
@@ -120,7 +126,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Down => commands::down(&target).await,
         Command::Primary { force } => commands::primary(&target, force).await,
         Command::Secondary => commands::secondary(&target).await,
-        Command::Connect => commands::connect(&target).await,
+        Command::Connect { discard_my_data } => commands::connect(&target, discard_my_data).await,
         Command::Invalidate => commands::invalidate(&target).await,
         Command::Resync { full } => commands::resync(&target, full).await,
         Command::Disconnect => commands::disconnect(&target).await,

@@ -60,6 +60,23 @@ pub enum Protocol {
     C,
 }
 
+/// What to do on split brain when neither node is primary (DRBD's
+/// after-sb-0pri). Anything but `Disconnect` throws one side's changes
+/// away automatically, so it is never the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterSplitBrain {
+    /// Refuse, touch nothing, and wait for the operator.
+    #[default]
+    Disconnect,
+    /// If only one side wrote since they parted, the other's data goes.
+    DiscardZeroChanges,
+    /// The side that became primary after they parted loses its changes.
+    DiscardYoungerPrimary,
+    /// The side that changed fewer bytes loses its changes.
+    DiscardLeastChanges,
+}
+
 /// Where a node serves NBD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -117,6 +134,7 @@ pub struct Config {
     /// A hard cap on resync (and verify) speed; `None`: no cap, only the
     /// controller that yields to application writes.
     pub resync_rate_max_bytes_per_s: Option<u64>,
+    pub after_sb_0pri: AfterSplitBrain,
 }
 
 /// Peer timeout when the config does not set one (CLUSTERPRO: 30 s, DRBD: 10.5 s).
@@ -135,6 +153,8 @@ struct RawConfig {
     /// Bytes per second: a number, or a size such as "100M" or "1GiB".
     #[serde(rename = "resync-rate-max")]
     resync_rate_max: Option<RawSize>,
+    #[serde(rename = "after-sb-0pri", default)]
+    after_sb_0pri: AfterSplitBrain,
 }
 
 #[derive(Deserialize)]
@@ -287,6 +307,7 @@ impl Config {
             secret: raw.secret,
             timeout: std::time::Duration::from_secs_f64(timeout_s),
             resync_rate_max_bytes_per_s,
+            after_sb_0pri: raw.after_sb_0pri,
         })
     }
 
@@ -378,6 +399,26 @@ control = "/tmp/b.ctl"
         assert!(e.contains("protocl"), "{e}");
         let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r0\"\nprotocol = \"D\""));
         assert!(e.contains("protocol") || e.contains("D"), "{e}");
+    }
+
+    #[test]
+    fn split_brain_policy_defaults_to_disconnect() {
+        assert_eq!(
+            parse(GOOD).unwrap().after_sb_0pri,
+            AfterSplitBrain::Disconnect
+        );
+        let with = |policy: &str| {
+            parse(&GOOD.replace(
+                "name = \"r0\"",
+                &format!("name = \"r0\"\nafter-sb-0pri = \"{policy}\""),
+            ))
+        };
+        assert_eq!(
+            with("discard-least-changes").unwrap().after_sb_0pri,
+            AfterSplitBrain::DiscardLeastChanges
+        );
+        let e = with("discard-everything").unwrap_err().to_string();
+        assert!(e.contains("discard-zero-changes"), "{e}");
     }
 
     #[test]

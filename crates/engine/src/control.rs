@@ -17,12 +17,19 @@ pub const REQUEST_LINE_MAX_BYTES: usize = 4096;
 #[serde(tag = "command", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    Primary { force: bool },
+    Primary {
+        force: bool,
+    },
     Secondary,
-    Connect,
+    Connect {
+        #[serde(default)]
+        discard_my_data: bool,
+    },
     Disconnect,
     Invalidate,
-    Resync { full: bool },
+    Resync {
+        full: bool,
+    },
     Verify,
     Down,
 }

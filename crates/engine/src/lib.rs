@@ -49,6 +49,11 @@ pub enum Error {
          to be given up, `primary --force`"
     )]
     PeerMayHaveWritten,
+    #[error(
+        "Refusing to discard the data of a primary: its clients see it. Demote it first \
+         (`blkmirror secondary`), then `connect --discard-my-data`"
+    )]
+    DiscardOnPrimary,
     #[error("Refusing to promote: the peer {0} is primary, and two primaries are never allowed while connected")]
     PeerIsPrimary(String),
     #[error("Refusing to invalidate a primary: its data is what clients see; demote it first")]

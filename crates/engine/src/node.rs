@@ -114,9 +114,14 @@ async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Pee
             volume.announce_state().await;
             (to_response(result), false)
         }
-        Request::Connect => {
-            peer.connect();
-            (Response::Ok, false)
+        Request::Connect { discard_my_data } => {
+            let result = if discard_my_data && volume.role() == Role::Primary {
+                Err(Error::DiscardOnPrimary)
+            } else {
+                peer.connect(discard_my_data);
+                Ok(())
+            };
+            (to_response(result), false)
         }
         Request::Disconnect => {
             peer.disconnect();

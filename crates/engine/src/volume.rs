@@ -333,6 +333,9 @@ impl Volume {
             }
             sb.flags.insert(Flags::PRIMARY);
             sb.flags.remove(Flags::CRASHED_PRIMARY);
+            if !connected {
+                sb.flags.insert(Flags::PROMOTED_APART);
+            }
         })?;
         if disk_state != DiskState::UpToDate && !connected {
             // Writes without the peer belong to the generation just started.
@@ -374,6 +377,15 @@ impl Volume {
         self.persist(&mut state, |sb| {
             sb.flags.set(Flags::PEER_PRIMARY, peer_primary)
         })
+    }
+
+    /// In sync with the peer again: neither is a younger primary any more.
+    pub fn note_in_sync(&self) -> Result<(), Error> {
+        let mut state = self.state.lock().unwrap();
+        if !state.superblock.flags.contains(Flags::PROMOTED_APART) {
+            return Ok(());
+        }
+        self.persist(&mut state, |sb| sb.flags.remove(Flags::PROMOTED_APART))
     }
 
     /// A primary going down tells the connected peer it is primary no
@@ -760,8 +772,9 @@ impl Volume {
             data_size: self.data_size,
             granularity: sb.layout.granularity,
             generations: peer::wire_generations(&sb.generations),
-            flags: peer::hello_flags(sb.flags, self.tracker.out_of_sync_bytes() > 0),
+            flags: sb.flags.bits(),
             session: self.session,
+            dirty_bytes: self.tracker.out_of_sync_bytes(),
         }
     }
 

@@ -211,8 +211,13 @@ pub fn decode_slot(slot: &[u8]) -> Result<Option<(u64, Vec<u32>)>, &'static str>
     if count > EXTENTS_MAX {
         return Err("too many extents");
     }
+    let list_end = HEADER_BYTES + count * 4;
+    // The writer zeroes the rest; anything else there is not its slot.
+    if slot[list_end..].iter().any(|&b| b != 0) {
+        return Err("bytes past the extent list are not zero");
+    }
     let sequence = u64::from_le_bytes(slot[8..16].try_into().unwrap());
-    let extents = slot[HEADER_BYTES..HEADER_BYTES + count * 4]
+    let extents = slot[HEADER_BYTES..list_end]
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
         .collect();
@@ -295,6 +300,20 @@ mod tests {
             recovered.extents.len() as u64 * EXTENT_BYTES
         );
         assert_eq!(recovered.extents.len(), EXTENTS_MIN);
+    }
+
+    /// Found by the fuzzer: a slot with a valid checksum over bytes past its
+    /// extent list was accepted, though no writer makes one.
+    #[test]
+    fn bytes_past_the_extent_list_are_refused() {
+        let mut slot = encode_slot(7, &[1, 2]);
+        slot[100] = 0x42;
+        let crc = slot_crc(&slot);
+        slot[20..24].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode_slot(&slot),
+            Err("bytes past the extent list are not zero")
+        );
     }
 
     proptest! {

@@ -35,6 +35,9 @@ bitflags! {
         /// The peer was primary when last heard from and has not said
         /// goodbye since: it may have written what this node lacks.
         const PEER_PRIMARY = 1 << 5;
+        /// Became primary while out of contact with the peer (the younger
+        /// primary of a split brain); cleared once they are in sync.
+        const PROMOTED_APART = 1 << 6;
     }
 }
 

@@ -10,12 +10,14 @@
 
 mod channel;
 mod resync;
+mod split_brain;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use blkmirror_config::{Config, LINKS_MAX};
+use blkmirror_config::{AfterSplitBrain, Config, LINKS_MAX};
 use blkmirror_metadata::superblock::Flags;
 use blkmirror_metadata::sync_decision::{decide, SyncDecision};
 use blkmirror_proto::message::{
@@ -46,8 +48,9 @@ const ARRIVALS_QUEUED_MAX: usize = 2 * LINKS_MAX;
 /// Link handshakes under way at once on one listening link.
 const HANDSHAKES_MAX: usize = 4;
 
-/// A flag in Hello: this side's bitmap is not empty.
-pub const HELLO_FLAG_DIRTY: u32 = 1 << 31;
+/// A flag in Hello: the operator resolved a split brain against this side
+/// (`connect --discard-my-data`): its changes go, the peer's data wins.
+pub const HELLO_FLAG_DISCARD_MY_DATA: u32 = 1 << 31;
 /// A flag in Hello: this link joins the session named in the Hello rather
 /// than opening a new one.
 pub const HELLO_FLAG_JOIN: u32 = 1 << 30;
@@ -149,6 +152,9 @@ pub struct Peer {
     kick: Notify,
     /// `verify` asked for.
     verify_wanted: Notify,
+    /// `connect --discard-my-data` is pending: said in every Hello until a
+    /// session opens.
+    discard_my_data: AtomicBool,
     resync_rate_max_bytes_per_s: Option<u64>,
 }
 
@@ -165,7 +171,12 @@ struct Shared {
 
 impl Peer {
     /// `connect`: (re)establish the link from now on.
-    pub fn connect(&self) {
+    /// `connect`; with `discard_my_data`, the next session resolves a split
+    /// brain in the peer's favour.
+    pub fn connect(&self, discard_my_data: bool) {
+        if discard_my_data {
+            self.discard_my_data.store(true, Ordering::Relaxed);
+        }
         self.wanted.send_replace(true);
     }
 
@@ -295,6 +306,7 @@ pub fn spawn(
         wanted: watch::channel(true).0,
         kick: Notify::new(),
         verify_wanted: Notify::new(),
+        discard_my_data: AtomicBool::new(false),
         resync_rate_max_bytes_per_s: config.resync_rate_max_bytes_per_s,
     });
     let manager = Arc::new(Manager {
@@ -307,6 +319,7 @@ pub fn spawn(
         peer_links: peer_config.links.clone(),
         secret: config.secret.clone(),
         timeout: config.timeout,
+        after_sb_0pri: config.after_sb_0pri,
     });
     tokio::spawn(manager.run(stop));
     peer
@@ -322,6 +335,7 @@ struct Manager {
     peer_links: Vec<SocketAddr>,
     secret: Option<String>,
     timeout: Duration,
+    after_sb_0pri: AfterSplitBrain,
 }
 
 /// A link connection that has passed its handshake.
@@ -525,6 +539,9 @@ impl Manager {
         if join {
             local.flags |= HELLO_FLAG_JOIN;
         }
+        if self.peer.discard_my_data.load(Ordering::Relaxed) {
+            local.flags |= HELLO_FLAG_DISCARD_MY_DATA;
+        }
         write_frame(
             &mut writer,
             &Message::Hello(local.clone()),
@@ -639,6 +656,7 @@ impl Manager {
     ) -> Result<(), PeerError> {
         let volume_uuid = self.check_hello(&first.local, &first.remote)?;
         let decision = self.decide(&first.local, &first.remote)?;
+        self.peer.discard_my_data.store(false, Ordering::Relaxed);
         self.volume
             .note_peer_role(first.remote.flags & Flags::PRIMARY.bits() != 0)?;
         tracing::info!(
@@ -792,7 +810,7 @@ impl Manager {
         let mut decision = decide(&side(local), &side(remote));
         // From the two Hellos only, so both nodes decide alike; a mark made
         // since this node's Hello is caught once the link is up.
-        let dirty = |h: &Hello| h.flags & HELLO_FLAG_DIRTY != 0;
+        let dirty = |h: &Hello| h.dirty_bytes > 0;
         if decision == SyncDecision::InSync && (dirty(local) || dirty(remote)) {
             // Same generation but a crash left regions marked: they are copied
             // from the primary, or from the node named first if neither is.
@@ -804,12 +822,10 @@ impl Manager {
                 SyncDecision::TargetDifferential
             };
         }
+        if decision == SyncDecision::SplitBrain {
+            decision = self.resolve_split_brain(local, remote)?;
+        }
         match decision {
-            SyncDecision::SplitBrain => Err(PeerError::Refused(format!(
-                "split brain: this node and {} both changed the data since they parted. \
-                 Nothing was touched; decide which data to keep",
-                self.peer_name
-            ))),
             SyncDecision::Unrelated => Err(PeerError::Refused(format!(
                 "node {} holds unrelated data (no common generation): refusing to connect; nothing was touched",
                 self.peer_name
@@ -825,6 +841,52 @@ impl Manager {
             }
             other => Ok(other),
         }
+    }
+
+    /// A split brain goes on only when the operator or an opt-in policy
+    /// names the side whose changes go; that side becomes the resync target.
+    fn resolve_split_brain(
+        &self,
+        local: &Hello,
+        remote: &Hello,
+    ) -> Result<SyncDecision, PeerError> {
+        let side = |h: &Hello| split_brain::Side {
+            discard_my_data: h.flags & HELLO_FLAG_DISCARD_MY_DATA != 0,
+            primary: h.flags & Flags::PRIMARY.bits() != 0,
+            promoted_apart: h.flags & Flags::PROMOTED_APART.bits() != 0,
+            dirty_bytes: h.dirty_bytes,
+        };
+        let victim = split_brain::victim(self.after_sb_0pri, &side(local), &side(remote)).map_err(
+            |why| PeerError::Refused(format!("split brain with {}: {why}", self.peer_name)),
+        )?;
+        let Some(victim) = victim else {
+            return Err(PeerError::Refused(format!(
+                "split brain: this node and {peer} both changed the data since they parted. \
+                 Nothing was touched. To keep {peer}'s data, run `blkmirror secondary` and then \
+                 `blkmirror connect --discard-my-data` here; to keep this node's, do that on {peer}",
+                peer = self.peer_name
+            )));
+        };
+        let (loser, changes) = match victim {
+            split_brain::Victim::Local => (&self.my_name, local.dirty_bytes),
+            split_brain::Victim::Remote => (&self.peer_name, remote.dirty_bytes),
+        };
+        // Both bitmaps count from the generation they parted at only when
+        // they name the same one; otherwise nothing bounds the difference.
+        let (l, r) = (&local.generations, &remote.generations);
+        let same_base = l.current == r.current || (l.bitmap != 0 && l.bitmap == r.bitmap);
+        tracing::warn!(
+            peer = self.peer_name,
+            policy = ?self.after_sb_0pri,
+            "split brain resolved: {loser} discards its {changes} bytes of changes and takes a {} copy",
+            if same_base { "differential" } else { "full" }
+        );
+        Ok(match (victim, same_base) {
+            (split_brain::Victim::Local, true) => SyncDecision::TargetDifferential,
+            (split_brain::Victim::Local, false) => SyncDecision::TargetFull,
+            (split_brain::Victim::Remote, true) => SyncDecision::SourceDifferential,
+            (split_brain::Victim::Remote, false) => SyncDecision::SourceFull,
+        })
     }
 
     async fn connected(
@@ -908,6 +970,9 @@ impl Manager {
 
     async fn established(&self, link: &Arc<Channel>) {
         self.volume.link_up(link.clone()).await;
+        if let Err(e) = self.volume.note_in_sync() {
+            tracing::error!(error = %e, "cannot record being in sync");
+        }
         self.peer.set(|s| {
             s.replication = ReplicationState::Established;
             s.resync_started = None;
@@ -1237,10 +1302,6 @@ pub fn wire_generations(g: &blkmirror_metadata::Generations) -> WireGenerations 
 }
 
 /// The flag bits a Hello carries for `flags`, plus the dirty marker.
-pub fn hello_flags(flags: Flags, dirty: bool) -> u32 {
-    flags.bits() | if dirty { HELLO_FLAG_DIRTY } else { 0 }
-}
-
 pub fn fua_flag(fua: bool) -> u32 {
     if fua {
         WRITE_FLAG_FUA
