@@ -174,6 +174,16 @@ impl Resource {
     /// Like `up`, with the node started through `prefix` (such as
     /// `ip netns exec NS`).
     pub fn up_with(&self, node: &str, prefix: &[&str]) -> NodeProcess {
+        self.start_node(node, prefix, &[])
+    }
+
+    /// Like `up`, with disk faults injected from the start (a build with
+    /// the `fault-injection` feature; rules as in `BLKMIRROR_FAULTS`).
+    pub fn up_with_faults(&self, node: &str, faults: &str) -> NodeProcess {
+        self.start_node(node, &[], &[("BLKMIRROR_FAULTS", faults)])
+    }
+
+    fn start_node(&self, node: &str, prefix: &[&str], env: &[(&str, &str)]) -> NodeProcess {
         let log_path = self.dir.path().join(format!("{node}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -193,6 +203,7 @@ impl Resource {
             .arg(&self.config)
             .args(["-n", node, "up"])
             .env("BLKMIRROR_LOG", "debug")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

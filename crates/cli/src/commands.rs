@@ -194,6 +194,10 @@ pub async fn secondary(target: &Target) -> anyhow::Result<()> {
     target.call(Request::Secondary).await.map(drop)
 }
 
+pub async fn fault(target: &Target, spec: String) -> anyhow::Result<()> {
+    target.call(Request::Fault { spec }).await.map(drop)
+}
+
 pub async fn connect(target: &Target, discard_my_data: bool) -> anyhow::Result<()> {
     target
         .call(Request::Connect { discard_my_data })

@@ -75,6 +75,10 @@ enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// Test builds only: replace the injected disk faults of a running
+    /// node (rules as in BLKMIRROR_FAULTS; "none" clears them).
+    #[command(hide = true)]
+    Fault { spec: String },
     /// Compare both replicas by checksum while they serve; differing
     /// ranges are reported, marked out of sync and resynced.
     Verify,
@@ -131,6 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Resync { full } => commands::resync(&target, full).await,
         Command::Disconnect => commands::disconnect(&target).await,
         Command::Verify => commands::verify(&target).await,
+        Command::Fault { spec } => commands::fault(&target, spec).await,
         Command::WaitSync { timeout } => commands::wait_sync(&target, timeout).await,
         Command::Status { json } => commands::status(&target, json).await,
         Command::Demo => unreachable!("handled above"),

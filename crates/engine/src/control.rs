@@ -31,6 +31,10 @@ pub enum Request {
         full: bool,
     },
     Verify,
+    /// Test builds: replace the injected disk faults (see blkmirror-io).
+    Fault {
+        spec: String,
+    },
     Down,
 }
 

@@ -79,6 +79,11 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     volume.say_goodbye().await;
     let _ = stop_peer.send(true);
     volume.shutdown().await?;
+    #[cfg(feature = "fault-injection")]
+    tracing::info!(
+        writes = blkmirror_io::faults::writes(),
+        "fault injection: disk writes seen"
+    );
     tracing::info!("node is down (clean shutdown recorded)");
     Ok(())
 }
@@ -148,10 +153,26 @@ async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Pee
             },
             false,
         ),
+        Request::Fault { spec } => (inject_faults(&spec), false),
         Request::Down => (Response::Ok, true),
     };
     let _ = control::write_response(&mut stream, &response).await;
     down
+}
+
+#[cfg(feature = "fault-injection")]
+fn inject_faults(spec: &str) -> Response {
+    match blkmirror_io::faults::set(spec) {
+        Ok(()) => Response::Ok,
+        Err(message) => Response::Error { message },
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn inject_faults(_spec: &str) -> Response {
+    Response::Error {
+        message: "this build has no fault injection (a test-only cargo feature)".into(),
+    }
 }
 
 fn to_response(result: Result<(), Error>) -> Response {

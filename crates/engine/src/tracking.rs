@@ -8,12 +8,10 @@
 //! issue the data write. After a crash, every extent of the last log
 //! transaction is marked dirty, which covers every write that was in flight.
 
-use std::fs::File;
-
 use blkmirror_io::{AlignedBuf, Store};
 use blkmirror_metadata::activity_log::{self, ActivityLog, Recovered};
 use blkmirror_metadata::bitmap::DirtyBitmap;
-use blkmirror_metadata::Layout;
+use blkmirror_metadata::{Layout, MetaDevice};
 
 use crate::Error;
 
@@ -33,7 +31,11 @@ pub struct ChangeTracker {
 
 impl ChangeTracker {
     /// Loads the on-disk bitmap and the activity log's last transaction.
-    pub fn open(meta: &File, layout: &Layout, disk: &str) -> Result<ChangeTracker, Error> {
+    pub fn open(
+        meta: &impl MetaDevice,
+        layout: &Layout,
+        disk: &str,
+    ) -> Result<ChangeTracker, Error> {
         let disk_err = |source| Error::Disk {
             disk: disk.to_string(),
             source,

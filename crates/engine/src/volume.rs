@@ -123,13 +123,40 @@ struct State {
     generation_open: bool,
 }
 
+/// The metadata area's descriptor; in test builds, its writes pass the
+/// same fault injection as the store's.
+struct MetaFile(File);
+
+impl metadata::MetaDevice for MetaFile {
+    fn read_bytes_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_bytes_at(buf, offset)
+    }
+
+    fn write_bytes_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        #[cfg(feature = "fault-injection")]
+        {
+            use blkmirror_io::faults;
+            match faults::write_fate(offset, buf.len() as u64) {
+                faults::Fate::Persist => {}
+                faults::Fate::Drop => return Ok(()),
+                faults::Fate::Fail => return Err(faults::injected_error()),
+            }
+        }
+        self.0.write_bytes_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
 pub struct Volume {
     resource: String,
     node: String,
     disk: String,
     store: Store,
     /// The metadata area is read and written through the buffered descriptor.
-    meta: File,
+    meta: MetaFile,
     data_offset: u64,
     data_size: u64,
     state: Mutex<State>,
@@ -194,6 +221,7 @@ impl Volume {
                     source,
                 },
             })?;
+        let meta = MetaFile(meta);
         let disk = node.disk.display().to_string();
         let loaded = metadata::open(&meta, store.file().size).map_err(|source| Error::Disk {
             disk: disk.clone(),

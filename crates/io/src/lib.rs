@@ -5,6 +5,8 @@
 //! block says who owns the memory involved until the kernel is done with it.
 
 pub mod aligned;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod file;
 pub mod store;
 pub mod sync;

@@ -63,6 +63,10 @@ impl Store {
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, Error> {
         self.check_range(offset, len as u64)?;
+        #[cfg(feature = "fault-injection")]
+        if crate::faults::read_fails(offset, len as u64) {
+            return Err(injected("read", offset));
+        }
         match self {
             Store::Uring(s) => s.read(offset, len).await,
             Store::Sync(s) => s.read(offset, len).await,
@@ -78,6 +82,12 @@ impl Store {
         fua: bool,
     ) -> Result<AlignedBuf, Error> {
         self.check_range(offset, buf.len() as u64)?;
+        #[cfg(feature = "fault-injection")]
+        match crate::faults::write_fate(offset, buf.len() as u64) {
+            crate::faults::Fate::Persist => {}
+            crate::faults::Fate::Drop => return Ok(buf),
+            crate::faults::Fate::Fail => return Err(injected("write", offset)),
+        }
         match self {
             Store::Uring(s) => s.write(offset, buf, fua).await,
             Store::Sync(s) => s.write(offset, buf, fua).await,
@@ -95,6 +105,12 @@ impl Store {
     /// Zeroes a range; with `unmap` its space may be released (discard).
     pub async fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<(), Error> {
         self.check_range(offset, len)?;
+        #[cfg(feature = "fault-injection")]
+        match crate::faults::write_fate(offset, len) {
+            crate::faults::Fate::Persist => {}
+            crate::faults::Fate::Drop => return Ok(()),
+            crate::faults::Fate::Fail => return Err(injected("zeroing", offset)),
+        }
         let file = self.file().clone();
         tokio::task::spawn_blocking(move || file.zero_range(offset, len, unmap))
             .await
@@ -107,5 +123,14 @@ impl Store {
             Some(end) if end <= size => Ok(()),
             _ => Err(Error::OutOfRange { offset, len, size }),
         }
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+fn injected(op: &'static str, offset: u64) -> Error {
+    Error::Io {
+        op,
+        offset,
+        source: crate::faults::injected_error(),
     }
 }
