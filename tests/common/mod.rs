@@ -39,10 +39,25 @@ pub fn skip(reason: &str) {
     let _ = writeln!(std::io::stderr().lock(), "skipped: {reason}");
 }
 
-/// A TCP port nothing listens on right now.
+/// A TCP port nothing listens on right now, and that no outgoing
+/// connection will take before a node binds it: ports the kernel hands out
+/// itself (32768 and up) could go to any test's connection in between.
+/// Each call in a test binary gets a port of its own.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Test binaries of different runs start at different places.
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "ran out of test ports");
+        let port = FIRST + (start + n) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A two-node resource in a temporary directory; NBD over Unix sockets.

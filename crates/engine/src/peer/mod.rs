@@ -118,7 +118,7 @@ pub struct PeerStatus {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("Link I/O failed")]
+    #[error("Link I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("Peer sent a bad frame: {0}")]
     Wire(String),
