@@ -292,3 +292,98 @@ async fn split_brain_policy_discards_the_side_with_fewer_changes() {
         &res.data_area("beta"),
     );
 }
+
+/// Matrix 5, the secondary's disk: its writes fail, so it detaches the
+/// disk (Diskless); the primary goes on with no client error, marking what
+/// the secondary misses. A replaced disk takes a full copy.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_secondary_disk_is_detached_and_replaced() {
+    let res = Resource::new();
+    let (_alpha, beta) = synced_pair(&res);
+    let mut work = Stamped::new(BLOCKS);
+    run_to_end(&res, &mut work, "alpha", 300).await;
+    // Every write to beta's data area fails from now on.
+    let data_area = format!("fail-write={DATA_OFFSET}-{DISK_BYTES}");
+    res.ok("beta", &["fault", &data_area]);
+    run_to_end(&res, &mut work, "alpha", 1000).await;
+
+    let beta_status = res.wait_status("beta", "a detached disk", |s| s["disk_state"] == "Diskless");
+    assert_eq!(beta_status["role"], "Secondary");
+    let alpha_status = res.wait_status("alpha", "a diskless peer", |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Diskless"))
+    });
+    assert_ne!(alpha_status["replication"], "Established", "{alpha_status}");
+    assert!(
+        alpha_status["out_of_sync_bytes"].as_u64().unwrap() > 0,
+        "the writes beta missed are marked: {alpha_status}"
+    );
+    assert_eq!(alpha_status["disk_state"], "UpToDate");
+    let refusal = res.fails("beta", &["primary", "--force"]);
+    assert!(refusal.contains("Diskless"), "{refusal}");
+    work.verify("alpha, which went on alone", &res.data_area("alpha"));
+
+    // The operator replaces beta's disk.
+    res.down("beta", beta);
+    std::fs::write(res.disk("beta"), vec![0u8; DISK_BYTES as usize]).unwrap();
+    res.ok("beta", &["create-md"]);
+    let _beta = res.up("beta");
+    res.wait_status("alpha", "the full copy onto the new disk", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    res.wait_established("beta");
+    res.assert_identical();
+    work.verify("beta's new disk", &res.data_area("beta"));
+}
+
+/// Matrix 5, the primary's disk: its reads and writes fail, so it detaches
+/// the disk and goes on as a diskless primary, reading and writing through
+/// its peer, with no client error. To replace the disk the operator moves
+/// the primary role to the peer; the new disk takes a full copy.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_primary_disk_leaves_a_diskless_primary() {
+    let res = Resource::new();
+    let (alpha, _beta) = synced_pair(&res);
+    let mut work = Stamped::new(BLOCKS);
+    run_to_end(&res, &mut work, "alpha", 300).await;
+    let data_area =
+        format!("fail-write={DATA_OFFSET}-{DISK_BYTES},fail-read={DATA_OFFSET}-{DISK_BYTES}");
+    res.ok("alpha", &["fault", &data_area]);
+    run_to_end(&res, &mut work, "alpha", 1000).await;
+
+    let alpha_status = res.status("alpha");
+    assert_eq!(alpha_status["disk_state"], "Diskless", "{alpha_status}");
+    assert_eq!(alpha_status["role"], "Primary");
+    assert_eq!(alpha_status["replication"], "Established", "{alpha_status}");
+    res.wait_status("beta", "a diskless peer", |s| {
+        s["peer_disk_state"] == "Diskless"
+    });
+    // Every acknowledged write reads back through alpha, from beta's disk.
+    let checked = work
+        .verify_export(
+            "reads through the diskless primary",
+            &res.nbd_socket("alpha"),
+            RESOURCE,
+        )
+        .await;
+    eprintln!("{checked} blocks read back through the diskless primary");
+    work.verify("beta, the only copy", &res.data_area("beta"));
+
+    // The operator moves the primary role and replaces alpha's disk.
+    res.ok("alpha", &["secondary"]);
+    res.ok("beta", &["primary"]);
+    run_to_end(&res, &mut work, "beta", 300).await;
+    res.down("alpha", alpha);
+    std::fs::write(res.disk("alpha"), vec![0u8; DISK_BYTES as usize]).unwrap();
+    res.ok("alpha", &["create-md"]);
+    let _alpha = res.up("alpha");
+    res.wait_status("beta", "the full copy onto the new disk", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    res.wait_established("alpha");
+    res.assert_identical();
+    work.verify("alpha's new disk", &res.data_area("alpha"));
+}

@@ -42,6 +42,8 @@ pub mod kind {
     pub const PING: u16 = 30;
     pub const PONG: u16 = 31;
     pub const RECEIVED: u16 = 32;
+    pub const READ: u16 = 33;
+    pub const READ_REPLY: u16 = 34;
     pub const STATE: u16 = 40;
 }
 
@@ -147,6 +149,18 @@ pub enum Message {
     Received {
         upto: u64,
     },
+    /// A primary without a usable disk reads from its peer.
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    /// The answer to the `Read` of frame `seq`: its data, or the peer's
+    /// errno (and no data).
+    ReadReply {
+        seq: u64,
+        errno: u32,
+        data: Vec<u8>,
+    },
     /// The sender's role and disk state changed.
     State {
         role: u8,
@@ -186,6 +200,8 @@ impl Message {
             Message::Pong { .. } => kind::PONG,
             Message::Received { .. } => kind::RECEIVED,
             Message::State { .. } => kind::STATE,
+            Message::Read { .. } => kind::READ,
+            Message::ReadReply { .. } => kind::READ_REPLY,
         }
     }
 
@@ -277,6 +293,15 @@ impl Message {
                 w.push(*role);
                 w.push(*disk_state);
                 w.extend_from_slice(&flags.to_le_bytes());
+            }
+            Message::Read { offset, len } => {
+                w.extend_from_slice(&offset.to_le_bytes());
+                w.extend_from_slice(&len.to_le_bytes());
+            }
+            Message::ReadReply { seq, errno, data } => {
+                w.extend_from_slice(&seq.to_le_bytes());
+                w.extend_from_slice(&errno.to_le_bytes());
+                w.extend_from_slice(data);
             }
         }
     }
@@ -381,6 +406,15 @@ impl Message {
                 role: r.u8()?,
                 disk_state: r.u8()?,
                 flags: r.u32()?,
+            },
+            kind::READ => Message::Read {
+                offset: r.u64()?,
+                len: r.u32()?,
+            },
+            kind::READ_REPLY => Message::ReadReply {
+                seq: r.u64()?,
+                errno: r.u32()?,
+                data: r.rest(),
             },
             other => return Err(MessageError::UnknownKind(other)),
         };
@@ -539,6 +573,9 @@ mod tests {
                     flags,
                 }
             }),
+            (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Message::Read { offset, len }),
+            (any::<u64>(), any::<u32>(), bytes())
+                .prop_map(|(seq, errno, data)| Message::ReadReply { seq, errno, data }),
         ]
     }
 
@@ -558,7 +595,7 @@ mod tests {
         fn truncation_is_an_error(message in arb_message(), cut in 1usize..8) {
             let payload = message.encode_payload();
             // Kinds ending in a variable-length tail cannot tell a cut from shorter data.
-            prop_assume!(!matches!(message, Message::Write { .. } | Message::ResyncData { .. } | Message::Bitmap { .. }));
+            prop_assume!(!matches!(message, Message::Write { .. } | Message::ResyncData { .. } | Message::Bitmap { .. } | Message::ReadReply { .. }));
             let cut = cut.min(payload.len());
             prop_assert!(Message::decode_payload(message.kind(), &payload[..payload.len() - cut]).is_err());
         }

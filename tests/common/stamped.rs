@@ -73,6 +73,21 @@ impl Stamped {
         Ended::Done
     }
 
+    /// Reads the written blocks back through a node's NBD export and
+    /// checks them as `verify` does.
+    pub async fn verify_export(&self, what: &str, socket: &Path, export: &str) -> usize {
+        let mut client = Client::connect_unix(socket, export).await.unwrap();
+        let bytes = (self.acked.len() * BLOCK) as u64;
+        let mut data = Vec::with_capacity(bytes as usize);
+        while (data.len() as u64) < bytes {
+            let len = (bytes - data.len() as u64).min(1 << 20) as u32;
+            let piece = client.read(data.len() as u64, len).await.unwrap();
+            data.extend_from_slice(&piece);
+        }
+        let _ = client.disconnect().await;
+        self.verify(what, &data)
+    }
+
     /// Acknowledged writes so far.
     pub fn acknowledged(&self) -> usize {
         self.acked.iter().filter(|&&v| v > 0).count()

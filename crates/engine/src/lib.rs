@@ -50,6 +50,15 @@ pub enum Error {
     )]
     PeerMayHaveWritten,
     #[error(
+        "This node's disk failed and is detached (Diskless): replace the disk, run `create-md` \
+         on the new one and restart the node"
+    )]
+    DiskFailed,
+    #[error("This node has no disk of its own and lost the peer that served its I/O")]
+    PeerLost,
+    #[error("The peer failed a read for this diskless node (errno {errno})")]
+    PeerIo { errno: u32 },
+    #[error(
         "Refusing to discard the data of a primary: its clients see it. Demote it first \
          (`blkmirror secondary`), then `connect --discard-my-data`"
     )]

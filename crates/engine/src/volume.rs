@@ -36,6 +36,8 @@ pub enum DiskState {
     /// Consistent, but contact with a primary peer was lost: it may have
     /// written since, and only reconnecting tells whether this is UpToDate.
     Consistent,
+    /// The disk failed and was detached: this node holds no data.
+    Diskless,
     /// Consistent, and as new as anything this node knows of.
     UpToDate,
 }
@@ -62,6 +64,9 @@ fn disk_state(flags: Flags, connected: bool) -> DiskState {
         other => other,
     }
 }
+
+/// A diskless primary reads from its peer in pieces of this size.
+const PEER_READ_CHUNK_BYTES: u64 = 1 << 20;
 
 /// How long a primary going down waits for its peer to confirm the goodbye.
 const GOODBYE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -121,6 +126,8 @@ struct State {
     /// A new data generation was started since the peer was last connected:
     /// further writes without the peer need not start another.
     generation_open: bool,
+    /// The disk failed and is detached: this node is Diskless.
+    disk_failed: bool,
 }
 
 /// The metadata area's descriptor; in test builds, its writes pass the
@@ -261,6 +268,7 @@ impl Volume {
                 superblock,
                 clients: 0,
                 generation_open: false,
+                disk_failed: false,
             }),
             tracker,
             gate: Arc::new(RangeGate::default()),
@@ -340,6 +348,9 @@ impl Volume {
         if state.role == Role::Primary {
             return Ok(());
         }
+        if state.disk_failed {
+            return Err(Error::DiskFailed);
+        }
         let disk_state = disk_state(state.superblock.flags, connected);
         match disk_state {
             DiskState::UpToDate => {}
@@ -387,6 +398,10 @@ impl Volume {
                 return Err(Error::ClientsAttached(state.clients));
             }
             state.role = Role::Secondary;
+            if state.disk_failed {
+                tracing::info!("demoted to Secondary (Diskless: nothing recorded on the disk)");
+                return Ok(());
+            }
         }
         self.store.flush().await?;
         let mut state = self.state.lock().unwrap();
@@ -443,6 +458,10 @@ impl Volume {
 
     /// Flushes the data and records a clean shutdown.
     pub async fn shutdown(&self) -> Result<(), Error> {
+        if self.disk_failed() {
+            tracing::warn!("the disk failed: nothing recorded on it at shutdown");
+            return Ok(());
+        }
         self.tracker.flush(&self.store).await?;
         self.store.flush().await?;
         let mut state = self.state.lock().unwrap();
@@ -462,7 +481,11 @@ impl Volume {
             resource: self.resource.clone(),
             node: self.node.clone(),
             role: state.role,
-            disk_state: disk_state(sb.flags, connected),
+            disk_state: if state.disk_failed {
+                DiskState::Diskless
+            } else {
+                disk_state(sb.flags, connected)
+            },
             disk: self.disk.clone(),
             data_size: self.data_size,
             volume_uuid: sb.volume_uuid,
@@ -519,9 +542,50 @@ impl Volume {
         }
     }
 
+    /// Reads from the local disk, or from the peer once the disk failed.
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, Error> {
         let at = self.disk_offset(offset, len as u64)?;
-        Ok(self.store.read(at, len).await?)
+        if !self.disk_failed() {
+            match self.store.read(at, len).await {
+                Err(e @ blkmirror_io::Error::Io { .. }) => self.detach_failed_disk(&e),
+                result => return Ok(result?),
+            }
+        }
+        self.read_from_peer(offset, len).await
+    }
+
+    /// A diskless primary's read: the peer holds the only copy.
+    async fn read_from_peer(&self, offset: u64, len: usize) -> Result<AlignedBuf, Error> {
+        let link = self.link.lock().unwrap().clone().ok_or(Error::DiskFailed)?;
+        let mut data = Vec::with_capacity(len);
+        let end = offset + len as u64;
+        let mut at = offset;
+        while at < end {
+            let chunk = (end - at).min(PEER_READ_CHUNK_BYTES) as u32;
+            let lost = |_| Error::PeerLost;
+            let answer = link
+                .enqueue(&Message::Read {
+                    offset: at,
+                    len: chunk,
+                })
+                .await
+                .map_err(lost)?
+                .answer()
+                .await
+                .map_err(lost)?;
+            if answer.errno != 0 || answer.data.len() != chunk as usize {
+                return Err(Error::PeerIo {
+                    errno: answer.errno,
+                });
+            }
+            data.extend_from_slice(&answer.data);
+            at += u64::from(chunk);
+        }
+        Ok(AlignedBuf::from_slice(&data))
+    }
+
+    fn disk_failed(&self) -> bool {
+        self.state.lock().unwrap().disk_failed
     }
 
     pub async fn write(
@@ -548,7 +612,9 @@ impl Volume {
             data: data.to_vec(),
         };
         let local = async {
-            self.store.write(at, data, fua).await?;
+            if !self.disk_failed() {
+                self.store.write(at, data, fua).await?;
+            }
             Ok(())
         };
         self.replicate(&link, message, offset, len, local).await
@@ -568,7 +634,13 @@ impl Volume {
         len: u64,
         local: impl Future<Output = Result<(), Error>>,
     ) -> Result<(), Error> {
-        let protocol = self.protocol;
+        // Without a disk of its own, the client hears success only once the
+        // peer's disk has the write, whatever the protocol.
+        let protocol = if self.disk_failed() {
+            Protocol::C
+        } else {
+            self.protocol
+        };
         let remote = async {
             let mut reply = if protocol == Protocol::B {
                 if let Message::Write { flags, .. } = &mut message {
@@ -589,6 +661,20 @@ impl Volume {
             }
         };
         let (local, remote) = tokio::join!(local, remote);
+        if let Err(Error::Io(e @ blkmirror_io::Error::Io { .. })) = &local {
+            // The local disk failed: it is detached, and the write stands
+            // if the peer's disk has it.
+            self.detach_failed_disk(e);
+            let answer = match remote {
+                Ok(PeerHalf::Answered(errno)) => Ok(errno),
+                Ok(PeerHalf::Pending(reply)) => reply.written().await,
+                Err(Lost) => Err(Lost),
+            };
+            return match answer {
+                Ok(0) => Ok(()),
+                _ => local,
+            };
+        }
         local?;
         match remote {
             Ok(PeerHalf::Answered(errno)) => self.peer_result(link, offset, len, Ok(errno)),
@@ -626,6 +712,13 @@ impl Volume {
                 }
             }
         };
+        if self.disk_failed() {
+            // Nothing to record, nowhere to write but the peer.
+            return match route {
+                WriteRoute::Peer(_) => Ok(route),
+                WriteRoute::LocalOnly(_) => Err(Error::DiskFailed),
+            };
+        }
         if let WriteRoute::LocalOnly(_) = route {
             self.open_generation()?;
         }
@@ -681,7 +774,11 @@ impl Volume {
             return Err(Error::NotPrimary);
         }
         let link = self.link.lock().unwrap().clone();
+        let diskless = self.disk_failed();
         let Some(link) = link else {
+            if diskless {
+                return Err(Error::DiskFailed);
+            }
             return Ok(self.store.flush().await?);
         };
         // Every write acknowledged before this flush is on both disks; make
@@ -690,7 +787,13 @@ impl Volume {
             epoch: link.next_epoch(),
         };
         let remote = link.request(&barrier);
-        let (local, remote) = tokio::join!(self.store.flush(), remote);
+        let local = async {
+            if !diskless {
+                self.store.flush().await?;
+            }
+            Ok::<(), blkmirror_io::Error>(())
+        };
+        let (local, remote) = tokio::join!(local, remote);
         local?;
         match remote {
             Ok(0) => Ok(()),
@@ -739,7 +842,11 @@ impl Volume {
         let state = self.state.lock().unwrap();
         Message::State {
             role: u8::from(state.role == Role::Primary),
-            disk_state: 0,
+            disk_state: if state.disk_failed {
+                peer::STATE_DISKLESS
+            } else {
+                0
+            },
             flags: state.superblock.flags.bits(),
         }
     }
@@ -800,7 +907,12 @@ impl Volume {
             data_size: self.data_size,
             granularity: sb.layout.granularity,
             generations: peer::wire_generations(&sb.generations),
-            flags: sb.flags.bits(),
+            flags: sb.flags.bits()
+                | if state.disk_failed {
+                    peer::HELLO_FLAG_DISKLESS
+                } else {
+                    0
+                },
             session: self.session,
             dirty_bytes: self.tracker.out_of_sync_bytes(),
         }
@@ -899,6 +1011,11 @@ impl Volume {
         data: Vec<u8>,
         flags: u32,
     ) -> Result<(), Error> {
+        self.on_disk(self.apply_replicated(offset, data, flags))
+            .await
+    }
+
+    async fn apply_replicated(&self, offset: u64, data: Vec<u8>, flags: u32) -> Result<(), Error> {
         let fua = flags & blkmirror_proto::message::WRITE_FLAG_FUA != 0;
         if flags & WRITE_FLAG_ZERO != 0 {
             let len = data
@@ -928,11 +1045,52 @@ impl Volume {
     /// Reads a data-area range whatever the role (for resync checksums).
     pub async fn read_local(&self, offset: u64, len: u64) -> Result<AlignedBuf, Error> {
         let at = self.range(offset, len)?;
-        Ok(self.store.read(at, len as usize).await?)
+        self.on_disk(async { Ok(self.store.read(at, len as usize).await?) })
+            .await
     }
 
     pub async fn flush_local(&self) -> Result<(), Error> {
-        Ok(self.store.flush().await?)
+        self.on_disk(async { Ok(self.store.flush().await?) }).await
+    }
+
+    /// Runs I/O the peer asked for on this node's disk. A disk I/O error
+    /// detaches the disk: from then on this node is Diskless, and the peer
+    /// goes on without it (having marked what this node missed).
+    async fn on_disk<T>(&self, io: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        if self.state.lock().unwrap().disk_failed {
+            return Err(Error::DiskFailed);
+        }
+        let result = io.await;
+        if let Err(Error::Io(e @ blkmirror_io::Error::Io { .. })) = &result {
+            self.detach_failed_disk(e);
+        }
+        result
+    }
+
+    fn detach_failed_disk(&self, error: &blkmirror_io::Error) {
+        let mut state = self.state.lock().unwrap();
+        if std::mem::replace(&mut state.disk_failed, true) {
+            return;
+        }
+        tracing::error!(
+            disk = self.disk,
+            %error,
+            "disk I/O error: the disk is detached and this node is Diskless. Replace the disk, \
+             run `create-md` on the new one and restart the node: it takes a full copy"
+        );
+        // Best effort (the disk may refuse this too): a restart on the same
+        // disk must not take it for good data.
+        if let Err(e) = self.persist(&mut state, |sb| {
+            sb.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE)
+        }) {
+            tracing::warn!(error = %e, "could not mark the failed disk Inconsistent");
+        }
+        drop(state);
+        // A connected peer learns it now holds the only copy.
+        if let Some(link) = self.link.lock().unwrap().clone() {
+            let message = self.state_message();
+            tokio::spawn(async move { link.send(&message).await });
+        }
     }
 
     /// Zeroes a range (TRIM and WRITE_ZEROES): both read back as zeroes, so
@@ -948,9 +1106,11 @@ impl Volume {
         let route = self.prepare_write(offset, len).await?;
         let _guard = self.gate.enter(offset, len).await;
         let local = async {
-            self.store.zero_range(at, len, unmap).await?;
-            if fua {
-                self.store.flush().await?;
+            if !self.disk_failed() {
+                self.store.zero_range(at, len, unmap).await?;
+                if fua {
+                    self.store.flush().await?;
+                }
             }
             Ok::<(), Error>(())
         };

@@ -45,14 +45,22 @@ pub struct Lost;
 struct Waiter {
     /// Told when the peer has the frame (protocol B).
     received: Option<oneshot::Sender<()>>,
-    /// Told the peer's final answer: its errno, 0 for success.
-    written: oneshot::Sender<u32>,
+    /// Told the peer's final answer.
+    written: oneshot::Sender<Answer>,
+}
+
+/// The peer's final answer to a frame.
+pub struct Answer {
+    /// 0 for success, else the peer's errno.
+    pub errno: u32,
+    /// What a `Read` asked for (empty otherwise, and on failure).
+    pub data: Vec<u8>,
 }
 
 /// The peer's answers to one frame.
 pub struct Reply {
     received: Option<oneshot::Receiver<()>>,
-    written: oneshot::Receiver<u32>,
+    written: oneshot::Receiver<Answer>,
 }
 
 impl Reply {
@@ -66,6 +74,11 @@ impl Reply {
 
     /// The peer's final answer: 0, or its errno.
     pub async fn written(self) -> Result<u32, Lost> {
+        self.answer().await.map(|a| a.errno)
+    }
+
+    /// The peer's final answer, with the data of a `Read`.
+    pub async fn answer(self) -> Result<Answer, Lost> {
         self.written.await.map_err(|_| Lost)
     }
 }
@@ -252,13 +265,19 @@ impl Channel {
                 }
             }
             AckKind::Written => {
-                if let Some(waiter) = pending.remove(&seq) {
-                    if let Some(tx) = waiter.received {
-                        let _ = tx.send(());
-                    }
-                    let _ = waiter.written.send(errno);
-                }
+                drop(pending);
+                self.answer_with_data(seq, errno, Vec::new());
             }
+        }
+    }
+
+    /// Routes the peer's final answer to frame `seq`, with data (a `Read`'s).
+    pub fn answer_with_data(&self, seq: u64, errno: u32, data: Vec<u8>) {
+        if let Some(waiter) = self.pending.lock().unwrap().remove(&seq) {
+            if let Some(tx) = waiter.received {
+                let _ = tx.send(());
+            }
+            let _ = waiter.written.send(Answer { errno, data });
         }
     }
 

@@ -51,6 +51,13 @@ const HANDSHAKES_MAX: usize = 4;
 /// A flag in Hello: the operator resolved a split brain against this side
 /// (`connect --discard-my-data`): its changes go, the peer's data wins.
 pub const HELLO_FLAG_DISCARD_MY_DATA: u32 = 1 << 31;
+/// `State::disk_state`: the sender's disk failed and is detached (0: its
+/// flags tell its disk state).
+pub const STATE_DISKLESS: u8 = 1;
+/// The most a diskless peer may ask for in one `Read`.
+const READ_MAX_BYTES: u32 = 4 << 20;
+/// A flag in Hello: the sender's disk failed and is detached.
+pub const HELLO_FLAG_DISKLESS: u32 = 1 << 29;
 /// A flag in Hello: this link joins the session named in the Hello rather
 /// than opening a new one.
 pub const HELLO_FLAG_JOIN: u32 = 1 << 30;
@@ -801,6 +808,20 @@ impl Manager {
             },
             flags: Flags::from_bits_truncate(h.flags),
         };
+        let diskless = |h: &Hello| h.flags & HELLO_FLAG_DISKLESS != 0;
+        if diskless(local) {
+            return Err(PeerError::NotYet(
+                "this node's disk failed and is detached: replace it, run `create-md` on the new \
+                 disk and restart the node; it then takes a full copy"
+                    .into(),
+            ));
+        }
+        if diskless(remote) {
+            return Err(PeerError::NotYet(format!(
+                "{}'s disk failed (Diskless): going on without it until its disk is replaced",
+                self.peer_name
+            )));
+        }
         let primary = |h: &Hello| h.flags & Flags::PRIMARY.bits() != 0;
         if primary(local) && primary(remote) {
             return Err(PeerError::Refused(
@@ -1061,7 +1082,11 @@ impl Manager {
                         link.acknowledge(seq, AckKind::Written, errno).await;
                     });
                 }
-                Message::State { role, flags, .. } => {
+                Message::State {
+                    role,
+                    disk_state,
+                    flags,
+                } => {
                     self.volume.note_peer_role(role == 1)?;
                     self.peer.set(|s| {
                         s.peer_role = Some(if role == 1 {
@@ -1069,9 +1094,31 @@ impl Manager {
                         } else {
                             Role::Secondary
                         });
-                        s.peer_disk_state = Some(disk_state_name(flags));
+                        s.peer_disk_state = Some(if disk_state == STATE_DISKLESS {
+                            "Diskless".to_string()
+                        } else {
+                            disk_state_name(flags)
+                        });
                     })
                 }
+                Message::Read { offset, len } => {
+                    // Served in arrival order with writes to the same range.
+                    let ticket = self.volume.gate().register(offset, u64::from(len));
+                    let (volume, link) = (self.volume.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let _guard = ticket.wait().await;
+                        let (errno, data) = if len > READ_MAX_BYTES {
+                            (libc::EINVAL as u32, Vec::new())
+                        } else {
+                            match volume.read_local(offset, u64::from(len)).await {
+                                Ok(data) => (0, data.to_vec()),
+                                Err(e) => (e.errno() as u32, Vec::new()),
+                            }
+                        };
+                        let _ = link.send(&Message::ReadReply { seq, errno, data }).await;
+                    });
+                }
+                Message::ReadReply { seq, errno, data } => link.answer_with_data(seq, errno, data),
                 Message::ResyncDone { current } => {
                     self.volume.finish_sync_target(current).await?;
                     let _ = link.send(&self.volume.state_message()).await;
