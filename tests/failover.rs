@@ -349,9 +349,10 @@ async fn a_failing_primary_disk_leaves_a_diskless_primary() {
     let (alpha, _beta) = synced_pair(&res);
     let mut work = Stamped::new(BLOCKS);
     run_to_end(&res, &mut work, "alpha", 300).await;
-    let data_area =
-        format!("fail-write={DATA_OFFSET}-{DISK_BYTES},fail-read={DATA_OFFSET}-{DISK_BYTES}");
-    res.ok("alpha", &["fault", &data_area]);
+    // Every write to alpha's disk fails (the activity log's too), and so
+    // does every read of its data.
+    let whole_disk = format!("fail-write=0-{DISK_BYTES},fail-read={DATA_OFFSET}-{DISK_BYTES}");
+    res.ok("alpha", &["fault", &whole_disk]);
     run_to_end(&res, &mut work, "alpha", 1000).await;
 
     let alpha_status = res.status("alpha");

@@ -722,15 +722,25 @@ impl Volume {
         if let WriteRoute::LocalOnly(_) = route {
             self.open_generation()?;
         }
-        self.tracker
+        let recorded = self
+            .tracker
             .before_write(
                 &self.store,
                 offset,
                 len,
                 matches!(route, WriteRoute::LocalOnly(_)),
             )
-            .await?;
-        Ok(route)
+            .await;
+        match (recorded, route) {
+            // The activity log could not be written: the disk is failing.
+            // With the peer there, the write goes on through it alone.
+            (Err(Error::Io(e @ blkmirror_io::Error::Io { .. })), WriteRoute::Peer(link)) => {
+                self.detach_failed_disk(&e);
+                Ok(WriteRoute::Peer(link))
+            }
+            (Err(e), _) => Err(e),
+            (Ok(()), route) => Ok(route),
+        }
     }
 
     /// Accounts for the peer's answer to a write: a failure or a lost link
