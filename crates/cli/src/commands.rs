@@ -1,5 +1,14 @@
 //! One function per CLI command; the CLI's edge, where errors become text.
 
+/// `println!` that reports a closed stdout (`blkmirror status | head`) as an
+/// error, which `main` takes for a normal end, instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
 use std::path::PathBuf;
@@ -102,9 +111,11 @@ pub fn create_md(
         },
     )
     .with_context(|| format!("create-md on disk {disk}"))?;
-    println!(
+    out!(
         "created metadata on {disk}: {} bytes of metadata, {} bytes of data, volume {}",
-        sb.layout.data_offset, sb.layout.data_size, sb.volume_uuid
+        sb.layout.data_offset,
+        sb.layout.data_size,
+        sb.volume_uuid
     );
     Ok(())
 }
@@ -154,7 +165,7 @@ pub fn dump_md(target: &Target, json: bool) -> anyhow::Result<()> {
         "slots": slot_states,
     });
     if json {
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        out!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
     let obj = doc.as_object().expect("built as an object");
@@ -163,7 +174,7 @@ pub fn dump_md(target: &Target, json: bool) -> anyhow::Result<()> {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        println!("{key:<20} {text}");
+        out!("{key:<20} {text}");
     }
     Ok(())
 }
@@ -234,12 +245,13 @@ pub async fn verify(target: &Target) -> anyhow::Result<()> {
             bail!("verify stopped after {} bytes: {error}", v.done_bytes);
         }
         if v.differing_bytes == 0 {
-            println!(
+            out!(
                 "verify: {} bytes compared with {}; the replicas are identical",
-                v.done_bytes, peer.peer_node
+                v.done_bytes,
+                peer.peer_node
             );
         } else {
-            println!(
+            out!(
                 "verify: {} bytes compared with {}; {} bytes differ, marked out of sync and being resynced",
                 v.done_bytes, peer.peer_node, v.differing_bytes
             );
@@ -278,9 +290,11 @@ pub async fn wait_sync(target: &Target, timeout_s: Option<u64>) -> anyhow::Resul
             if let Some(bar) = &bar {
                 bar.finish_with_message("in sync");
             }
-            println!(
+            out!(
                 "{} on {}: in sync with {}",
-                status.resource, status.node, peer.peer_node
+                status.resource,
+                status.node,
+                peer.peer_node
             );
             return Ok(());
         }
@@ -301,9 +315,13 @@ pub async fn wait_sync(target: &Target, timeout_s: Option<u64>) -> anyhow::Resul
                 bar.set_message(replication.clone());
             }
             None if last_line.elapsed() >= std::time::Duration::from_secs(5) => {
-                println!(
+                out!(
                     "{replication}: {} of {} bytes, {} bytes/s, ETA {} s, out of sync {} bytes",
-                    r.done_bytes, r.total_bytes, r.bytes_per_s, r.eta_s, status.out_of_sync_bytes
+                    r.done_bytes,
+                    r.total_bytes,
+                    r.bytes_per_s,
+                    r.eta_s,
+                    status.out_of_sync_bytes
                 );
                 last_line = std::time::Instant::now();
             }
@@ -330,7 +348,7 @@ pub async fn fetch_status(target: &Target) -> anyhow::Result<VolumeStatus> {
 pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     let s = fetch_status(target).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        out!("{}", serde_json::to_string_pretty(&s)?);
     } else {
         print!("{}", render_status(&s));
     }
