@@ -134,6 +134,14 @@ impl ChangeTracker {
         self.bitmap.lock().unwrap().mark(offset, len);
     }
 
+    /// Whether any part of a range is marked: the peer may lack it.
+    pub fn any_out_of_sync(&self, offset: u64, len: u64) -> bool {
+        let bitmap = self.bitmap.lock().unwrap();
+        let granularity = bitmap.granularity();
+        let end = (offset + len).div_ceil(granularity);
+        (offset / granularity..end).any(|granule| bitmap.is_dirty(granule))
+    }
+
     /// Marks a range the peer now has (resync confirmed it).
     pub fn clear(&self, offset: u64, len: u64) {
         self.bitmap.lock().unwrap().clear(offset, len);
@@ -154,5 +162,28 @@ impl ChangeTracker {
 
     pub fn out_of_sync_bytes(&self) -> u64 {
         self.bitmap.lock().unwrap().dirty_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkmirror_metadata::layout::{GRANULARITY_DEFAULT_BYTES, MIB};
+
+    #[test]
+    fn any_out_of_sync_sees_every_granule_a_range_touches() {
+        let disk = tempfile::tempfile().unwrap();
+        disk.set_len(16 * MIB).unwrap();
+        let layout = Layout::for_disk(16 * MIB, GRANULARITY_DEFAULT_BYTES).unwrap();
+        let tracker = ChangeTracker::open(&disk, &layout, "test").unwrap();
+        tracker.mark(8192, 1);
+        assert!(tracker.any_out_of_sync(8192, 1));
+        assert!(
+            tracker.any_out_of_sync(0, 8193),
+            "ends in the marked granule"
+        );
+        assert!(tracker.any_out_of_sync(12287, 10), "starts in it");
+        assert!(!tracker.any_out_of_sync(0, 8192));
+        assert!(!tracker.any_out_of_sync(12288, MIB));
     }
 }

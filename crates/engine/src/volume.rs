@@ -557,6 +557,11 @@ impl Volume {
     /// A diskless primary's read: the peer holds the only copy.
     async fn read_from_peer(&self, offset: u64, len: usize) -> Result<AlignedBuf, Error> {
         let link = self.link.lock().unwrap().clone().ok_or(Error::DiskFailed)?;
+        // Where the peer lacks data (a resync had not reached it), there is
+        // no good copy left to read.
+        if self.tracker.any_out_of_sync(offset, len as u64) {
+            return Err(Error::DiskFailed);
+        }
         let mut data = Vec::with_capacity(len);
         let end = offset + len as u64;
         let mut at = offset;
