@@ -388,3 +388,40 @@ async fn a_failing_primary_disk_leaves_a_diskless_primary() {
     res.assert_identical();
     work.verify("alpha's new disk", &res.data_area("alpha"));
 }
+
+/// `after-sb-0pri = "discard-younger-primary"`: beta was promoted while the
+/// two were apart, alpha was primary before they parted, so beta's changes
+/// go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_policy_discards_the_younger_primary() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    res.set("after-sb-0pri", "\"discard-younger-primary\"");
+    let (_alpha, _beta) = synced_pair(&res);
+    assert!(
+        !res.status("alpha")["flags"]
+            .as_array()
+            .unwrap()
+            .contains(&"promoted_apart".into()),
+        "alpha's first promotion is forgotten once the pair is in sync"
+    );
+    let work = split_brain(&res).await;
+    assert!(res.status("beta")["flags"]
+        .as_array()
+        .unwrap()
+        .contains(&"promoted_apart".into()));
+    res.ok("beta", &["connect"]);
+    res.wait_status("alpha", "the policy's resync", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    res.wait_status("beta", "the policy's resync", |s| {
+        s["replication"] == "Established" && s["disk_state"] == "UpToDate"
+    });
+    res.assert_identical();
+    work.verify(
+        "beta after the policy discarded its data",
+        &res.data_area("beta"),
+    );
+}
