@@ -373,6 +373,23 @@ async fn a_failing_primary_disk_leaves_a_diskless_primary() {
     eprintln!("{checked} blocks read back through the diskless primary");
     work.verify("beta, the only copy", &res.data_area("beta"));
 
+    // A lost link does not end the service: beta takes the diskless
+    // primary back, with nothing to copy.
+    res.ok("alpha", &["disconnect"]);
+    res.wait_status("beta", "the diskless primary gone", |s| {
+        s["connection"] != "Connected"
+    });
+    res.ok("alpha", &["connect"]);
+    let back = res.wait_established("alpha");
+    assert_eq!(back["disk_state"], "Diskless", "{back}");
+    run_to_end(&res, &mut work, "alpha", 300).await;
+    work.verify_export(
+        "after the link came back",
+        &res.nbd_socket("alpha"),
+        RESOURCE,
+    )
+    .await;
+
     // The operator moves the primary role and replaces alpha's disk.
     res.ok("alpha", &["secondary"]);
     res.ok("beta", &["primary"]);

@@ -458,7 +458,7 @@ impl Volume {
 
     /// Flushes the data and records a clean shutdown.
     pub async fn shutdown(&self) -> Result<(), Error> {
-        if self.disk_failed() {
+        if self.is_diskless() {
             tracing::warn!("the disk failed: nothing recorded on it at shutdown");
             return Ok(());
         }
@@ -545,7 +545,7 @@ impl Volume {
     /// Reads from the local disk, or from the peer once the disk failed.
     pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, Error> {
         let at = self.disk_offset(offset, len as u64)?;
-        if !self.disk_failed() {
+        if !self.is_diskless() {
             match self.store.read(at, len).await {
                 Err(e @ blkmirror_io::Error::Io { .. }) => self.detach_failed_disk(&e),
                 result => return Ok(result?),
@@ -589,7 +589,8 @@ impl Volume {
         Ok(AlignedBuf::from_slice(&data))
     }
 
-    fn disk_failed(&self) -> bool {
+    /// The disk failed and was detached.
+    pub fn is_diskless(&self) -> bool {
         self.state.lock().unwrap().disk_failed
     }
 
@@ -617,7 +618,7 @@ impl Volume {
             data: data.to_vec(),
         };
         let local = async {
-            if !self.disk_failed() {
+            if !self.is_diskless() {
                 self.store.write(at, data, fua).await?;
             }
             Ok(())
@@ -641,7 +642,7 @@ impl Volume {
     ) -> Result<(), Error> {
         // Without a disk of its own, the client hears success only once the
         // peer's disk has the write, whatever the protocol.
-        let protocol = if self.disk_failed() {
+        let protocol = if self.is_diskless() {
             Protocol::C
         } else {
             self.protocol
@@ -717,7 +718,7 @@ impl Volume {
                 }
             }
         };
-        if self.disk_failed() {
+        if self.is_diskless() {
             // Nothing to record, nowhere to write but the peer.
             return match route {
                 WriteRoute::Peer(_) => Ok(route),
@@ -789,7 +790,7 @@ impl Volume {
             return Err(Error::NotPrimary);
         }
         let link = self.link.lock().unwrap().clone();
-        let diskless = self.disk_failed();
+        let diskless = self.is_diskless();
         let Some(link) = link else {
             if diskless {
                 return Err(Error::DiskFailed);
@@ -1121,7 +1122,7 @@ impl Volume {
         let route = self.prepare_write(offset, len).await?;
         let _guard = self.gate.enter(offset, len).await;
         let local = async {
-            if !self.disk_failed() {
+            if !self.is_diskless() {
                 self.store.zero_range(at, len, unmap).await?;
                 if fua {
                     self.store.flush().await?;

@@ -809,6 +809,22 @@ impl Manager {
             flags: Flags::from_bits_truncate(h.flags),
         };
         let diskless = |h: &Hello| h.flags & HELLO_FLAG_DISKLESS != 0;
+        let primary = |h: &Hello| h.flags & Flags::PRIMARY.bits() != 0;
+        let up_to_date = |h: &Hello| {
+            let good = (Flags::CONSISTENT | Flags::UP_TO_DATE).bits();
+            h.flags & good == good && !diskless(h)
+        };
+        // A diskless primary holds no data: it is served again by an
+        // UpToDate secondary, with nothing to copy either way.
+        let serves_diskless = |diskless_side: &Hello, other: &Hello| {
+            diskless(diskless_side)
+                && primary(diskless_side)
+                && up_to_date(other)
+                && !primary(other)
+        };
+        if serves_diskless(local, remote) || serves_diskless(remote, local) {
+            return Ok(SyncDecision::InSync);
+        }
         if diskless(local) {
             return Err(PeerError::NotYet(
                 "this node's disk failed and is detached: replace it, run `create-md` on the new \
@@ -822,7 +838,6 @@ impl Manager {
                 self.peer_name
             )));
         }
-        let primary = |h: &Hello| h.flags & Flags::PRIMARY.bits() != 0;
         if primary(local) && primary(remote) {
             return Err(PeerError::Refused(
                 "both nodes are primary: refusing to connect two primaries".into(),
@@ -920,7 +935,8 @@ impl Manager {
         match decision {
             SyncDecision::InSync => {
                 self.established(link).await;
-                if volume.out_of_sync_bytes() > 0 {
+                // (A diskless node's marks are ranges lost with its disk.)
+                if volume.out_of_sync_bytes() > 0 && !volume.is_diskless() {
                     // A write raced the handshake (marked before the link was
                     // set): reconnect, and a differential resync copies it.
                     return Err(PeerError::Wire(
