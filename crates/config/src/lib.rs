@@ -135,7 +135,16 @@ pub struct Config {
     /// controller that yields to application writes.
     pub resync_rate_max_bytes_per_s: Option<u64>,
     pub after_sb_0pri: AfterSplitBrain,
+    /// Hot 4 MiB extents the activity log keeps: more means fewer log
+    /// writes, and more to resync after a crash.
+    pub al_extents: usize,
 }
+
+/// Bounds and default of `al-extents` (DRBD's default is 1237 extents of
+/// 4 MiB; ours caps what one log slot holds).
+pub const AL_EXTENTS_MIN: usize = 16;
+pub const AL_EXTENTS_MAX: usize = 1000;
+pub const AL_EXTENTS_DEFAULT: usize = AL_EXTENTS_MAX;
 
 /// Peer timeout when the config does not set one (CLUSTERPRO: 30 s, DRBD: 10.5 s).
 pub const TIMEOUT_DEFAULT_S: f64 = 6.0;
@@ -155,6 +164,8 @@ struct RawConfig {
     resync_rate_max: Option<RawSize>,
     #[serde(rename = "after-sb-0pri", default)]
     after_sb_0pri: AfterSplitBrain,
+    #[serde(rename = "al-extents")]
+    al_extents: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +302,13 @@ impl Config {
                 ));
             }
         }
+        let al_extents = raw.al_extents.unwrap_or(AL_EXTENTS_DEFAULT);
+        if !(AL_EXTENTS_MIN..=AL_EXTENTS_MAX).contains(&al_extents) {
+            return Err(invalid(
+                "al-extents",
+                format!("{al_extents} is outside {AL_EXTENTS_MIN} to {AL_EXTENTS_MAX}"),
+            ));
+        }
         let link_counts: Vec<usize> = nodes.values().map(|n| n.links.len()).collect();
         if link_counts[0] != link_counts[1] {
             return Err(invalid(
@@ -308,6 +326,7 @@ impl Config {
             timeout: std::time::Duration::from_secs_f64(timeout_s),
             resync_rate_max_bytes_per_s,
             after_sb_0pri: raw.after_sb_0pri,
+            al_extents,
         })
     }
 
@@ -399,6 +418,17 @@ control = "/tmp/b.ctl"
         assert!(e.contains("protocl"), "{e}");
         let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r0\"\nprotocol = \"D\""));
         assert!(e.contains("protocol") || e.contains("D"), "{e}");
+    }
+
+    #[test]
+    fn al_extents_are_bounded() {
+        assert_eq!(parse(GOOD).unwrap().al_extents, AL_EXTENTS_DEFAULT);
+        let with = |n: usize| {
+            parse(&GOOD.replace("name = \"r0\"", &format!("name = \"r0\"\nal-extents = {n}")))
+        };
+        assert_eq!(with(64).unwrap().al_extents, 64);
+        let e = with(8).unwrap_err().to_string();
+        assert!(e.contains("al-extents") && e.contains("16 to 1000"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,12 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     // The control socket first: it is how a second `up` of the same node
     // learns it must not touch the disk at all.
     let (control_listener, _control_file) = bind_unix(&node_config.control).await?;
-    let volume = Volume::open(&config.name, node_config, config.protocol)?;
+    let volume = Volume::open(
+        &config.name,
+        node_config,
+        config.protocol,
+        config.al_extents,
+    )?;
     let (nbd_listener, _nbd_file) = match &node_config.nbd {
         Endpoint::Unix(path) => {
             let (listener, file) = bind_unix(path).await?;

@@ -15,9 +15,11 @@ use blkmirror_metadata::{Layout, MetaDevice};
 
 use crate::Error;
 
-/// Extents the activity log keeps hot: after a crash at most this many
-/// times 4 MiB is resynced.
-pub const AL_EXTENTS_DEFAULT: usize = activity_log::EXTENTS_MAX;
+// The config's bounds must fit the on-disk log.
+const _: () = assert!(
+    blkmirror_config::AL_EXTENTS_MIN >= activity_log::EXTENTS_MIN
+        && blkmirror_config::AL_EXTENTS_MAX <= activity_log::EXTENTS_MAX
+);
 
 pub struct ChangeTracker {
     layout: Layout,
@@ -31,10 +33,13 @@ pub struct ChangeTracker {
 
 impl ChangeTracker {
     /// Loads the on-disk bitmap and the activity log's last transaction.
+    /// `al_extents`: hot extents the log keeps; after a crash at most that
+    /// many times 4 MiB is resynced.
     pub fn open(
         meta: &impl MetaDevice,
         layout: &Layout,
         disk: &str,
+        al_extents: usize,
     ) -> Result<ChangeTracker, Error> {
         let disk_err = |source| Error::Disk {
             disk: disk.to_string(),
@@ -61,11 +66,7 @@ impl ChangeTracker {
             layout: *layout,
             disk: disk.to_string(),
             bitmap: std::sync::Mutex::new(bitmap),
-            log: tokio::sync::Mutex::new(ActivityLog::new(
-                layout,
-                AL_EXTENTS_DEFAULT,
-                recovered.sequence,
-            )),
+            log: tokio::sync::Mutex::new(ActivityLog::new(layout, al_extents, recovered.sequence)),
             recovered,
         })
     }
@@ -175,7 +176,7 @@ mod tests {
         let disk = tempfile::tempfile().unwrap();
         disk.set_len(16 * MIB).unwrap();
         let layout = Layout::for_disk(16 * MIB, GRANULARITY_DEFAULT_BYTES).unwrap();
-        let tracker = ChangeTracker::open(&disk, &layout, "test").unwrap();
+        let tracker = ChangeTracker::open(&disk, &layout, "test", 16).unwrap();
         tracker.mark(8192, 1);
         assert!(tracker.any_out_of_sync(8192, 1));
         assert!(

@@ -215,6 +215,7 @@ impl Volume {
         resource: &str,
         node: &NodeConfig,
         protocol: Protocol,
+        al_extents: usize,
     ) -> Result<Arc<Volume>, Error> {
         let store = Store::open(&node.disk, Engine::Uring)?;
         let meta = store
@@ -246,7 +247,7 @@ impl Volume {
             });
         }
         let layout = superblock.layout;
-        let tracker = ChangeTracker::open(&meta, &layout, &disk)?;
+        let tracker = ChangeTracker::open(&meta, &layout, &disk, al_extents)?;
         tracing::info!(
             disk,
             data_offset = layout.data_offset,
