@@ -669,6 +669,42 @@ fn up_refuses_a_running_node_and_a_foreign_disk() {
     );
 }
 
+/// Where the kernel has no ublk driver (as here), `up` of a node with a
+/// ublk device fails at once, names the module, and touches nothing.
+#[test]
+fn up_with_ublk_fails_at_once_without_the_driver() {
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        common::skip("this kernel has the ublk driver loaded; the VM lab covers ublk");
+        return;
+    }
+    let res = Resource::new();
+    res.ok("alpha", &["create-md"]);
+    let before = file_hash(&res.disk("alpha"));
+    res.edit_config(|text| text.replacen("[nodes.beta]", "ublk = { id = 0 }\n[nodes.beta]", 1));
+    let started = std::time::Instant::now();
+    let out = run_bounded(blkmirror(&res.config, "alpha", &["up"]), REFUSAL_LIMIT);
+    let err = refused(&out, "up with ublk and no driver");
+    assert!(
+        err.contains("ublk_drv") && err.contains("/dev/ublk-control"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        file_hash(&res.disk("alpha")),
+        before,
+        "the refused up wrote"
+    );
+    assert!(!res.dir.path().join("alpha.ctl").exists());
+    // The peer, without ublk, is unaffected by the key.
+    res.ok("beta", &["create-md"]);
+    let beta = res.up("beta");
+    res.down("beta", beta);
+}
+
 /// A refused second `up` leaves the running primary's metadata alone, so a
 /// later crash of that primary is still detected.
 #[test]

@@ -179,6 +179,18 @@ pub fn dump_md(target: &Target, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Process-wide setup `up` needs before any thread exists: a node with a
+/// ublk device checks the driver and leaves the shared mount namespace
+/// (see `blkmirror_ublk::enter_private_mount_namespace`).
+pub fn prepare_up(config: Option<PathBuf>, node: Option<String>) -> anyhow::Result<()> {
+    let target = Target::resolve(config, node)?;
+    if target.node_config().ublk.is_some() {
+        blkmirror_ublk::check_driver()?;
+        blkmirror_ublk::enter_private_mount_namespace()?;
+    }
+    Ok(())
+}
+
 pub async fn up(target: &Target) -> anyhow::Result<()> {
     blkmirror_engine::node::run(&target.config, &target.node).await?;
     Ok(())

@@ -100,6 +100,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     commands::init_logging();
+    if let Command::Up = cli.command {
+        // Before the runtime starts threads: unshare refuses a threaded process.
+        if let Err(e) = commands::prepare_up(cli.config.clone(), cli.node.clone()) {
+            eprintln!("blkmirror: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

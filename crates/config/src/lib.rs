@@ -8,6 +8,7 @@
 //! links = ["127.0.0.1:7801", "127.0.0.1:7811"]
 //! control = "/run/blkmirror/r0-alpha.ctl"   # optional
 //! nbd = "unix:/run/blkmirror/r0-alpha.nbd"  # optional; or "tcp:127.0.0.1:10809"
+//! ublk = { id = 0 }                         # optional: /dev/ublkb0 while primary
 //! [nodes.beta]
 //! disk = "/var/lib/blkmirror/beta.img"
 //! links = ["127.0.0.1:7802", "127.0.0.1:7812"]
@@ -118,7 +119,28 @@ pub struct NodeConfig {
     pub links: Vec<SocketAddr>,
     pub control: PathBuf,
     pub nbd: Endpoint,
+    /// Also serve `/dev/ublkbN` while primary.
+    pub ublk: Option<UblkConfig>,
 }
+
+/// The ublk block device a node serves while primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UblkConfig {
+    /// N in `/dev/ublkbN`; fixed, so a restarted node finds its device.
+    pub id: u32,
+    /// Hardware queues, each served by a thread of its own.
+    pub queues: u16,
+    /// Requests in flight per queue.
+    pub depth: u16,
+}
+
+/// The driver's limits (`UBLK_MAX_UBLKS`, `UBLK_MAX_QUEUE_DEPTH`), and a
+/// sane bound on queues.
+pub const UBLK_ID_MAX: u32 = (1 << 20) - 1;
+pub const UBLK_DEPTH_MAX: u16 = 4096;
+pub const UBLK_QUEUES_MAX: u16 = 64;
+pub const UBLK_QUEUES_DEFAULT: u16 = 1;
+pub const UBLK_DEPTH_DEFAULT: u16 = 64;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -178,6 +200,30 @@ enum RawSize {
 /// Resync below this is surely a typo (and would take days per disk).
 pub const RESYNC_RATE_MIN_BYTES_PER_S: u64 = 1 << 20;
 
+fn ublk_config(raw: RawUblk) -> Result<UblkConfig, String> {
+    let config = UblkConfig {
+        id: raw.id,
+        queues: raw.queues.unwrap_or(UBLK_QUEUES_DEFAULT),
+        depth: raw.depth.unwrap_or(UBLK_DEPTH_DEFAULT),
+    };
+    if config.id > UBLK_ID_MAX {
+        return Err(format!("id {} is above {UBLK_ID_MAX}", config.id));
+    }
+    if !(1..=UBLK_QUEUES_MAX).contains(&config.queues) {
+        return Err(format!(
+            "queues {} is outside 1 to {UBLK_QUEUES_MAX}",
+            config.queues
+        ));
+    }
+    if !(1..=UBLK_DEPTH_MAX).contains(&config.depth) {
+        return Err(format!(
+            "depth {} is outside 1 to {UBLK_DEPTH_MAX}",
+            config.depth
+        ));
+    }
+    Ok(config)
+}
+
 fn default_protocol() -> Protocol {
     Protocol::C
 }
@@ -189,6 +235,15 @@ struct RawNode {
     links: Vec<String>,
     control: Option<PathBuf>,
     nbd: Option<String>,
+    ublk: Option<RawUblk>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUblk {
+    id: u32,
+    queues: Option<u16>,
+    depth: Option<u16>,
 }
 
 impl Config {
@@ -257,6 +312,10 @@ impl Config {
             let control = node
                 .control
                 .unwrap_or_else(|| run.join(format!("{}-{node_name}.ctl", raw.name)));
+            let ublk = node
+                .ublk
+                .map(|u| ublk_config(u).map_err(|m| invalid(&key("ublk"), m)))
+                .transpose()?;
             nodes.insert(
                 node_name.clone(),
                 NodeConfig {
@@ -265,6 +324,7 @@ impl Config {
                     links,
                     control,
                     nbd,
+                    ublk,
                 },
             );
         }
@@ -418,6 +478,42 @@ control = "/tmp/b.ctl"
         assert!(e.contains("protocl"), "{e}");
         let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r0\"\nprotocol = \"D\""));
         assert!(e.contains("protocol") || e.contains("D"), "{e}");
+    }
+
+    #[test]
+    fn ublk_is_optional_with_defaults_and_bounds() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node("alpha").unwrap().ublk, None);
+        let with = |table: &str| {
+            parse(&GOOD.replace(
+                "nbd = \"tcp:127.0.0.1:10809\"",
+                &format!("nbd = \"tcp:127.0.0.1:10809\"\nublk = {table}"),
+            ))
+        };
+        let c = with("{ id = 3 }").unwrap();
+        assert_eq!(
+            c.node("alpha").unwrap().ublk,
+            Some(UblkConfig {
+                id: 3,
+                queues: UBLK_QUEUES_DEFAULT,
+                depth: UBLK_DEPTH_DEFAULT
+            })
+        );
+        let c = with("{ id = 0, queues = 2, depth = 128 }").unwrap();
+        assert_eq!(c.node("alpha").unwrap().ublk.unwrap().depth, 128);
+        let e = with("{ id = 0, depth = 5000 }").unwrap_err().to_string();
+        assert!(
+            e.contains("nodes.alpha.ublk") && e.contains("depth 5000"),
+            "{e}"
+        );
+        let e = with("{ id = 2000000 }").unwrap_err().to_string();
+        assert!(e.contains("nodes.alpha.ublk") && e.contains("id"), "{e}");
+        let e = with("{ id = 0, queues = 0 }").unwrap_err().to_string();
+        assert!(e.contains("queues 0"), "{e}");
+        let e = with("{ queues = 1 }").unwrap_err().to_string();
+        assert!(e.contains("id"), "{e}");
+        let e = with("{ id = 0, dev = 1 }").unwrap_err().to_string();
+        assert!(e.contains("dev"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! The NBD frontend's view of a volume, and the one place engine errors
-//! become NBD error values.
+//! The frontends' view of a volume: the NBD export, the ublk device (which
+//! exists only while this node is primary), and the one place engine
+//! errors become their error values.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use blkmirror_io::AlignedBuf;
 use blkmirror_nbd::proto::Errno;
@@ -77,5 +78,134 @@ impl Backend for NbdExport {
         fua: bool,
     ) -> Result<(), BackendError> {
         Ok(self.0.zero(offset, u64::from(len), unmap, fua).await?)
+    }
+}
+
+/// The volume as the ublk queues see it.
+struct UblkBackend(Arc<Volume>);
+
+impl blkmirror_ublk::Backend for UblkBackend {
+    type Buf = AlignedBuf;
+
+    fn size(&self) -> u64 {
+        self.0.data_size()
+    }
+
+    fn alloc(&self, len: usize) -> AlignedBuf {
+        AlignedBuf::for_overwrite(len)
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<AlignedBuf, i32> {
+        self.0
+            .read(offset, len as usize)
+            .await
+            .map_err(|e| e.errno())
+    }
+
+    async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), i32> {
+        self.0.write(offset, data, fua).await.map_err(|e| e.errno())
+    }
+
+    async fn flush(&self) -> Result<(), i32> {
+        self.0.flush().await.map_err(|e| e.errno())
+    }
+
+    async fn zero(&self, offset: u64, len: u64, unmap: bool, fua: bool) -> Result<(), i32> {
+        self.0
+            .zero(offset, len, unmap, fua)
+            .await
+            .map_err(|e| e.errno())
+    }
+}
+
+/// `/dev/ublkbN` for a node configured with `ublk`: served while the node
+/// is primary, counted as one attached client so the volume cannot be
+/// demoted under it.
+pub struct UblkFrontend {
+    settings: blkmirror_ublk::Settings,
+    volume: Arc<Volume>,
+    export: Mutex<Option<blkmirror_ublk::Export>>,
+}
+
+impl UblkFrontend {
+    pub fn new(config: blkmirror_config::UblkConfig, volume: Arc<Volume>) -> UblkFrontend {
+        UblkFrontend {
+            settings: blkmirror_ublk::Settings {
+                id: config.id,
+                queues: config.queues,
+                depth: config.depth,
+            },
+            volume,
+            export: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> std::path::PathBuf {
+        blkmirror_ublk::block_device_path(self.settings.id)
+    }
+
+    /// Whether a daemon of ours died serving this device and left it for
+    /// the next one (its users wait for us).
+    pub fn left_by_dead_daemon(&self) -> Result<bool, Error> {
+        Ok(blkmirror_ublk::device_state(self.settings.id)?.awaits_recovery())
+    }
+
+    /// Creates the device, or takes it over from a dead daemon. Only on a
+    /// primary.
+    pub async fn start(&self) -> Result<(), Error> {
+        if self.export.lock().unwrap().is_some() {
+            return Ok(());
+        }
+        self.volume.attach()?;
+        let settings = self.settings;
+        let backend = Arc::new(UblkBackend(self.volume.clone()));
+        let runtime = tokio::runtime::Handle::current();
+        let started = tokio::task::spawn_blocking(move || {
+            blkmirror_ublk::Export::start(settings, backend, runtime)
+        })
+        .await
+        .expect("ublk start does not panic");
+        match started {
+            Ok(export) => {
+                tracing::info!(
+                    device = %export.path().display(),
+                    recovered = export.recovered(),
+                    queues = settings.queues,
+                    depth = settings.depth,
+                    "ublk device serving"
+                );
+                *self.export.lock().unwrap() = Some(export);
+                Ok(())
+            }
+            Err(e) => {
+                self.volume.detach();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Removes the device; refused while it is mounted or held open
+    /// exclusively.
+    pub async fn stop(&self) -> Result<(), Error> {
+        let export = {
+            let mut export = self.export.lock().unwrap();
+            match export.as_ref() {
+                None => return Ok(()),
+                Some(e) if e.in_use() => {
+                    return Err(blkmirror_ublk::Error::InUse(e.path()).into());
+                }
+                Some(_) => export.take().expect("checked"),
+            }
+        };
+        let path = export.path();
+        let removed = tokio::task::spawn_blocking(move || export.remove())
+            .await
+            .expect("ublk removal does not panic");
+        self.volume.detach();
+        match removed {
+            Ok(()) => tracing::info!(device = %path.display(), "ublk device removed"),
+            Err(e) => tracing::warn!(device = %path.display(), error = %e, "ublk device removal"),
+        }
+        Ok(())
     }
 }

@@ -87,13 +87,17 @@ pub enum Error {
     },
     #[error("Control socket: {0}")]
     Control(String),
+    #[error(transparent)]
+    Ublk(#[from] blkmirror_ublk::Error),
+    #[error("Promoted, but {0}; demoted again, so this node stays Secondary")]
+    ExportFailed(Box<Error>),
     #[error("Cannot install signal handlers")]
     Signals(#[source] std::io::Error),
 }
 
 impl Error {
     /// The Linux errno a block-device client sees for this error: the one
-    /// mapping every frontend (NBD now, ublk later) uses.
+    /// mapping every frontend (NBD and ublk) uses.
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io(e) => e.errno(),

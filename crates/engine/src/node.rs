@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::control::{self, Request, Response};
-use crate::frontend::NbdExport;
+use crate::frontend::{NbdExport, UblkFrontend};
 use crate::peer::{self, Peer};
 use crate::volume::{Role, Volume};
 use crate::Error;
@@ -20,6 +20,11 @@ use crate::Error;
 /// Runs `node` of `config` in the foreground until it is told to stop.
 pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let node_config = config.node(node)?;
+    if node_config.ublk.is_some() {
+        // Before touching anything: a node that cannot serve its device
+        // says so at once.
+        blkmirror_ublk::check_driver()?;
+    }
     // The control socket first: it is how a second `up` of the same node
     // learns it must not touch the disk at all.
     let (control_listener, _control_file) = bind_unix(&node_config.control).await?;
@@ -55,12 +60,20 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
         Arc::new(NbdExport(volume.clone())),
         nbd_stopped,
     ));
+    let ublk = node_config
+        .ublk
+        .map(|settings| UblkFrontend::new(settings, volume.clone()));
+    // The ublk device (if any) goes up before the node says it is ready.
+    if let Some(ublk) = &ublk {
+        resume_ublk(ublk, &volume).await;
+    }
     tracing::info!(
         resource = %config.name,
         node,
         nbd = %node_config.nbd,
         control = %node_config.control.display(),
-        "node is up (Secondary); promote with `blkmirror primary`"
+        role = ?volume.role(),
+        "node is up"
     );
     notify_systemd("READY=1");
 
@@ -68,11 +81,15 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: going down"); break; }
-            _ = sigint.recv() => { tracing::info!("SIGINT: going down"); break; }
+            _ = sigterm.recv() => {
+                if may_go_down(ublk.as_ref(), "SIGTERM").await { break; }
+            }
+            _ = sigint.recv() => {
+                if may_go_down(ublk.as_ref(), "SIGINT").await { break; }
+            }
             accepted = control_listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                if handle_control(stream, &volume, &peer).await {
+                if handle_control(stream, &volume, &peer, ublk.as_ref()).await {
                     break;
                 }
             }
@@ -93,8 +110,60 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A node restarted after dying as primary with a ublk device finds the
+/// device waiting, with its users' I/O queued: it becomes primary again
+/// (if its data allows) and takes the device over.
+async fn resume_ublk(ublk: &UblkFrontend, volume: &Arc<Volume>) {
+    match ublk.left_by_dead_daemon() {
+        Ok(false) => {}
+        Ok(true) => {
+            tracing::warn!(
+                device = %ublk.path().display(),
+                "the ublk device was left by a daemon that died; resuming as Primary to serve it"
+            );
+            let resumed = match volume.promote(false) {
+                Ok(()) => ublk.start().await,
+                Err(e) => Err(e),
+            };
+            volume.announce_state().await;
+            if let Err(e) = resumed {
+                tracing::error!(
+                    device = %ublk.path().display(),
+                    error = %e,
+                    "cannot resume the ublk device: its I/O waits until `blkmirror primary` \
+                     succeeds here"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot ask the driver about the ublk device"),
+    }
+}
+
+/// Removes the ublk device before going down; a device in use keeps the
+/// node up (as DRBD refuses `down` on a device held open).
+async fn may_go_down(ublk: Option<&UblkFrontend>, why: &str) -> bool {
+    match ublk.map(|u| u.stop()) {
+        None => true,
+        Some(stopping) => match stopping.await {
+            Ok(()) => {
+                tracing::info!("{why}: going down");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "{why}: not going down");
+                false
+            }
+        },
+    }
+}
+
 /// Serves one control request. Returns true when the node must go down.
-async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Peer>) -> bool {
+async fn handle_control(
+    stream: UnixStream,
+    volume: &Arc<Volume>,
+    peer: &Arc<Peer>,
+    ublk: Option<&UblkFrontend>,
+) -> bool {
     let mut stream = BufReader::new(stream);
     let request = match control::read_request(&mut stream).await {
         Ok(r) => r,
@@ -111,16 +180,31 @@ async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Pee
             (Response::Status(Box::new(status)), false)
         }
         Request::Primary { force } => {
-            let result = if peer.status().peer_role == Some(Role::Primary) {
+            let mut result = if peer.status().peer_role == Some(Role::Primary) {
                 Err(Error::PeerIsPrimary(peer.status().peer_node))
             } else {
                 volume.promote(force)
             };
+            if let (Ok(()), Some(ublk)) = (&result, ublk) {
+                if let Err(e) = ublk.start().await {
+                    if let Err(demote) = volume.demote().await {
+                        tracing::error!(error = %demote, "demoting after the ublk device failed");
+                    }
+                    result = Err(Error::ExportFailed(Box::new(e)));
+                }
+            }
             volume.announce_state().await;
             (to_response(result), false)
         }
         Request::Secondary => {
-            let result = volume.demote().await;
+            let result = match ublk {
+                Some(ublk) => ublk.stop().await,
+                None => Ok(()),
+            };
+            let result = match result {
+                Ok(()) => volume.demote().await,
+                Err(e) => Err(e),
+            };
             volume.announce_state().await;
             (to_response(result), false)
         }
@@ -159,7 +243,13 @@ async fn handle_control(stream: UnixStream, volume: &Arc<Volume>, peer: &Arc<Pee
             false,
         ),
         Request::Fault { spec } => (inject_faults(&spec), false),
-        Request::Down => (Response::Ok, true),
+        Request::Down => match ublk.map(|u| u.stop()) {
+            None => (Response::Ok, true),
+            Some(stopping) => match stopping.await {
+                Ok(()) => (Response::Ok, true),
+                Err(e) => (to_response(Err(e)), false),
+            },
+        },
     };
     let _ = control::write_response(&mut stream, &response).await;
     down
