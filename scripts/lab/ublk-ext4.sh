@@ -9,6 +9,29 @@ PAIR_UBLK=1 pair 192M
 wait_for /dev/ublkb0
 [ ! -e /dev/ublkb1 ] || { echo "the secondary serves a ublk device"; exit 1; }
 echo "secondary has no ublk device"
+bm alpha status | grep -q "ublk device: /dev/ublkb0"
+# What the device tells the kernel: a write cache (so flushes come), FUA,
+# discard and write-zeroes.
+q=/sys/block/ublkb0/queue
+[ "$(cat $q/write_cache)" = "write back" ] && [ "$(cat $q/fua)" = 1 ] &&
+    [ "$(cat $q/discard_granularity)" = 4096 ] && [ "$(cat $q/write_zeroes_max_bytes)" = 67108864 ] ||
+    { grep . $q/write_cache $q/fua $q/discard_granularity $q/write_zeroes_max_bytes; exit 1; }
+# Data round trip with FUA writes, then WRITE_ZEROES and DISCARD over
+# parts of it (our discards read back as zeroes, so replicas stay
+# identical). Files, not <(...): the guest has no /dev/fd.
+head -c 4M /dev/urandom > "$dir/pattern"
+head -c 1M /dev/zero > "$dir/zeroes"
+dd if="$dir/pattern" of=/dev/ublkb0 bs=1M oflag=direct,dsync status=none
+dd if=/dev/ublkb0 of="$dir/readback" bs=1M count=4 iflag=direct status=none
+cmp "$dir/readback" "$dir/pattern"
+blkdiscard -z -o 1048576 -l 1048576 /dev/ublkb0
+blkdiscard -o 3145728 -l 1048576 /dev/ublkb0
+dd if=/dev/ublkb0 of="$dir/readback" bs=1M count=4 iflag=direct status=none
+cp "$dir/pattern" "$dir/expected"
+dd if="$dir/zeroes" of="$dir/expected" bs=1M seek=1 conv=notrunc status=none
+dd if="$dir/zeroes" of="$dir/expected" bs=1M seek=3 conv=notrunc status=none
+cmp "$dir/readback" "$dir/expected"
+echo "queue attributes, FUA writes, WRITE_ZEROES and DISCARD as expected"
 mkfs.ext4 -q /dev/ublkb0
 mkdir -p /mnt/a /mnt/b
 mount /dev/ublkb0 /mnt/a

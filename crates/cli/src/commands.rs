@@ -384,6 +384,9 @@ pub fn render_status(s: &VolumeStatus) -> String {
         s.out_of_sync_bytes,
         s.nbd_clients,
     );
+    if let Some(device) = &s.ublk_device {
+        text += &format!("  ublk device: {device}\n");
+    }
     if let Some(peer) = &s.peer {
         text += &format!(
             "  peer {}: {:?}, {:?}, role {}, disk {}\n",

@@ -144,6 +144,11 @@ impl UblkFrontend {
         blkmirror_ublk::block_device_path(self.settings.id)
     }
 
+    /// The device while it is served.
+    pub fn serving(&self) -> Option<std::path::PathBuf> {
+        self.export.lock().unwrap().as_ref().map(|e| e.path())
+    }
+
     /// Whether a daemon of ours died serving this device and left it for
     /// the next one (its users wait for us).
     pub fn left_by_dead_daemon(&self) -> Result<bool, Error> {
@@ -187,24 +192,22 @@ impl UblkFrontend {
     /// Removes the device; refused while it is mounted or held open
     /// exclusively.
     pub async fn stop(&self) -> Result<(), Error> {
-        let export = {
-            let mut export = self.export.lock().unwrap();
-            match export.as_ref() {
-                None => return Ok(()),
-                Some(e) if e.in_use() => {
-                    return Err(blkmirror_ublk::Error::InUse(e.path()).into());
-                }
-                Some(_) => export.take().expect("checked"),
-            }
+        let Some(export) = self.export.lock().unwrap().take() else {
+            return Ok(());
         };
         let path = export.path();
-        let removed = tokio::task::spawn_blocking(move || export.remove())
+        let removed = tokio::task::spawn_blocking(move || export.remove_unless_in_use())
             .await
             .expect("ublk removal does not panic");
-        self.volume.detach();
         match removed {
-            Ok(()) => tracing::info!(device = %path.display(), "ublk device removed"),
-            Err(e) => tracing::warn!(device = %path.display(), error = %e, "ublk device removal"),
+            Ok(()) => {
+                self.volume.detach();
+                tracing::info!(device = %path.display(), "ublk device removed");
+            }
+            Err((export, e)) => {
+                *self.export.lock().unwrap() = Some(*export);
+                return Err(e.into());
+            }
         }
         Ok(())
     }

@@ -65,7 +65,7 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
         .map(|settings| UblkFrontend::new(settings, volume.clone()));
     // The ublk device (if any) goes up before the node says it is ready.
     if let Some(ublk) = &ublk {
-        resume_ublk(ublk, &volume).await;
+        resume_ublk(ublk, &volume, &peer, config.timeout).await;
     }
     tracing::info!(
         resource = %config.name,
@@ -113,7 +113,12 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
 /// A node restarted after dying as primary with a ublk device finds the
 /// device waiting, with its users' I/O queued: it becomes primary again
 /// (if its data allows) and takes the device over.
-async fn resume_ublk(ublk: &UblkFrontend, volume: &Arc<Volume>) {
+async fn resume_ublk(
+    ublk: &UblkFrontend,
+    volume: &Arc<Volume>,
+    peer: &Arc<Peer>,
+    peer_timeout: std::time::Duration,
+) {
     match ublk.left_by_dead_daemon() {
         Ok(false) => {}
         Ok(true) => {
@@ -121,9 +126,19 @@ async fn resume_ublk(ublk: &UblkFrontend, volume: &Arc<Volume>) {
                 device = %ublk.path().display(),
                 "the ublk device was left by a daemon that died; resuming as Primary to serve it"
             );
-            let resumed = match volume.promote(false) {
-                Ok(()) => ublk.start().await,
-                Err(e) => Err(e),
+            // A live peer answers within its timeout; one that took over as
+            // primary meanwhile must not be met by a second primary.
+            let deadline = tokio::time::Instant::now() + peer_timeout;
+            while peer.status().peer_role.is_none() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let resumed = if peer.status().peer_role == Some(Role::Primary) {
+                Err(Error::PeerIsPrimary(peer.status().peer_node))
+            } else {
+                match volume.promote(false) {
+                    Ok(()) => ublk.start().await,
+                    Err(e) => Err(e),
+                }
             };
             volume.announce_state().await;
             if let Err(e) = resumed {
@@ -177,6 +192,11 @@ async fn handle_control(
         Request::Status => {
             let mut status = volume.status();
             status.peer = Some(peer.status());
+            if let Some(device) = ublk.and_then(UblkFrontend::serving) {
+                // The device holds one of the volume's attachments.
+                status.nbd_clients = status.nbd_clients.saturating_sub(1);
+                status.ublk_device = Some(device.display().to_string());
+            }
             (Response::Status(Box::new(status)), false)
         }
         Request::Primary { force } => {
@@ -198,7 +218,15 @@ async fn handle_control(
         }
         Request::Secondary => {
             let result = match ublk {
-                Some(ublk) => ublk.stop().await,
+                Some(ublk) => {
+                    // NBD clients refuse the demotion anyway: keep the
+                    // device rather than remove it for nothing.
+                    let held_by_device = usize::from(ublk.serving().is_some());
+                    match volume.status().nbd_clients.saturating_sub(held_by_device) {
+                        0 => ublk.stop().await,
+                        clients => Err(Error::ClientsAttached(clients)),
+                    }
+                }
                 None => Ok(()),
             };
             let result = match result {

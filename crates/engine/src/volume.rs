@@ -84,6 +84,10 @@ pub struct VolumeStatus {
     pub generations: GenerationsView,
     pub flags: Vec<String>,
     pub nbd_clients: usize,
+    /// The ublk block device this node serves, if any (filled in by the
+    /// running node).
+    #[serde(default)]
+    pub ublk_device: Option<String>,
     /// Bytes the peer lacks (marked in the dirty bitmap).
     pub out_of_sync_bytes: u64,
     pub io_engine: String,
@@ -493,6 +497,7 @@ impl Volume {
             generations: (&sb.generations).into(),
             flags: flag_names(sb.flags),
             nbd_clients: state.clients,
+            ublk_device: None,
             out_of_sync_bytes: self.tracker.out_of_sync_bytes(),
             io_engine: self.store.engine().name().to_string(),
             direct_io: self.store.file().uses_direct_io(),

@@ -177,7 +177,7 @@ impl Export {
             Err(_) => {
                 // Failed or hung while starting: take down what exists.
                 let error = ctrl_rx.try_recv().ok().and_then(Result::err);
-                let _ = export.remove();
+                let _ = export.remove(None);
                 Err(error.unwrap_or(Error::Control {
                     id,
                     what: "start",
@@ -200,28 +200,53 @@ impl Export {
         block_device_path(self.settings.id)
     }
 
-    /// Whether something holds the device: a mounted file system, or an
-    /// exclusive opener (plain opens are not seen).
-    pub fn in_use(&self) -> bool {
-        let opened = std::fs::OpenOptions::new()
+    /// Removes the device unless something holds it: a mounted file
+    /// system, or an exclusive opener (plain opens are not seen). The
+    /// check holds the device exclusively until it is gone, so nothing can
+    /// mount it in between. Refused, the export comes back. Blocking.
+    pub fn remove_unless_in_use(self) -> Result<(), (Box<Export>, Error)> {
+        let claim = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_EXCL)
             .open(self.path());
-        matches!(opened, Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+        match claim {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                let path = self.path();
+                Err((Box::new(self), Error::InUse(path)))
+            }
+            claim => {
+                if let Err(e) = self.remove(claim.ok()) {
+                    // Gone or going either way: report, do not hand it back.
+                    tracing::warn!(error = %e, "removing the ublk device");
+                }
+                Ok(())
+            }
+        }
     }
 
-    /// Stops the queues and deletes the device, in use or not: check
-    /// [`Export::in_use`] first. Blocking.
-    pub fn remove(mut self) -> Result<(), Error> {
+    /// Stops the queues and deletes the device, in use or not. Blocking.
+    /// `claim`, an exclusive open, is held until the block device is gone
+    /// (nothing can mount it after that), and no longer: deleting waits
+    /// for every opener to leave.
+    fn remove(mut self, claim: Option<std::fs::File>) -> Result<(), Error> {
         let id = self.settings.id;
         control_ring_ready()?;
-        let _ = self.ctrl.kill_dev();
+        let stopped = self.ctrl.kill_dev();
+        drop(claim);
+        if let Err(e) = stopped {
+            // The queues may never stop: do not wait for them.
+            return Err(control_error(id, "stop", e));
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
         match self.ctrl.del_dev() {
             Ok(_) => Ok(()),
-            Err(UblkError::OtherError(errno)) if errno.abs() == libc::ENODEV => Ok(()),
+            Err(UblkError::OtherError(errno) | UblkError::UringIOError(errno))
+                if errno.abs() == libc::ENODEV =>
+            {
+                Ok(())
+            }
             Err(e) => Err(control_error(id, "delete", e)),
         }
     }
@@ -257,8 +282,19 @@ fn run_device<B: Backend>(
         .build()
         .map_err(|e| control_error(id, if recovered { "open" } else { "add" }, e))?;
     if recovered {
-        ctrl.start_user_recover()
-            .map_err(|e| control_error(id, "start recovery", e))?;
+        // Retries while the driver still quiesces the device (EBUSY), then
+        // reports a failure as a negative value, not an error.
+        match ctrl.start_user_recover() {
+            Ok(r) if r < 0 => {
+                return Err(control_error(
+                    id,
+                    "start recovery",
+                    UblkError::OtherError(r),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(control_error(id, "start recovery", e)),
+        }
     }
     let ctrl = Arc::new(ctrl);
     let _ = ctrl_tx.send(Ok(ctrl.clone()));

@@ -28,19 +28,21 @@ pub(crate) struct QueueContext<B> {
 
 /// Serves queue `qid` until the device stops.
 pub(crate) fn serve<B: Backend>(qid: u16, dev: &UblkDev, ctx: &Arc<QueueContext<B>>) {
-    let queue = match UblkQueue::new(qid, dev) {
-        Ok(q) => Rc::new(q),
-        Err(e) => {
-            tracing::error!(queue = qid, error = %e, "ublk queue setup failed");
-            return;
-        }
+    // A queue that gives up before its tags register their buffers must
+    // say so, or the device's start waits for it forever. libublk's only
+    // public way to say it is the mlock-failure report; the start then
+    // fails (EPERM), and the log says why.
+    let give_up = |what: &str, error: &dyn std::fmt::Display| {
+        tracing::error!(queue = qid, %error, "ublk queue setup failed: {what}");
+        dev.notify_buffer_registration_complete(true);
     };
     let doorbell = match EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC) {
         Ok(fd) => Arc::new(fd),
-        Err(e) => {
-            tracing::error!(queue = qid, error = %e, "ublk queue doorbell (eventfd) failed");
-            return;
-        }
+        Err(e) => return give_up("doorbell eventfd", &e),
+    };
+    let queue = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => return give_up("queue", &e),
     };
     let executor = Rc::new(smol::LocalExecutor::new());
     let tags: Vec<_> = queue
@@ -105,13 +107,25 @@ struct TagContext<B> {
     doorbell: Arc<EventFd>,
 }
 
-/// Rings the doorbell when dropped: when the work is done, and also when
-/// the runtime drops it unfinished, so the waiting tag always wakes.
-struct RingOnDrop(Arc<EventFd>);
+/// Carries a request's result back to its tag. Dropped, it rings the
+/// doorbell after the answer is sent or abandoned, so the tag always wakes.
+struct Answer<T> {
+    tx: Option<tokio::sync::oneshot::Sender<T>>,
+    doorbell: Arc<EventFd>,
+}
 
-impl Drop for RingOnDrop {
+impl<T> Answer<T> {
+    fn send(mut self, value: T) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(value);
+        }
+    }
+}
+
+impl<T> Drop for Answer<T> {
     fn drop(&mut self) {
-        let _ = self.0.write(1);
+        drop(self.tx.take());
+        let _ = self.doorbell.write(1);
     }
 }
 
@@ -122,12 +136,25 @@ impl<B: Backend> TagContext<B> {
         work: impl Future<Output = Result<T, i32>> + Send + 'static,
     ) -> Result<T, i32> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let bell = RingOnDrop(self.doorbell.clone());
-        self.shared.runtime.spawn(async move {
-            let _ = tx.send(work.await);
-            drop(bell);
-        });
-        rx.await.unwrap_or(Err(libc::EIO))
+        let answer = Answer {
+            tx: Some(tx),
+            doorbell: self.doorbell.clone(),
+        };
+        self.shared
+            .runtime
+            .spawn(async move { answer.send(work.await) });
+        match rx.await {
+            Ok(result) => result,
+            // The runtime dropped the work undone: the node is going down
+            // in a way it did not plan (a plain `down` removes the device
+            // first). Failing the request would hand the file system above
+            // an I/O error; ending the process instead leaves the device to
+            // the kernel, which holds its I/O for the next daemon.
+            Err(_) => {
+                tracing::error!("the node's runtime is gone under a ublk request: exiting");
+                std::process::abort();
+            }
+        }
     }
 
     /// Executes one request against the tag's buffer; returns what the
@@ -203,5 +230,42 @@ async fn serve_tag<B: Backend>(
         queue
             .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), result)
             .await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doorbell() -> Arc<EventFd> {
+        Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap())
+    }
+
+    #[test]
+    fn an_answer_rings_once_it_is_sent() {
+        let bell = doorbell();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        Answer {
+            tx: Some(tx),
+            doorbell: bell.clone(),
+        }
+        .send(7);
+        assert_eq!(bell.read().unwrap(), 1);
+        assert_eq!(rx.try_recv().unwrap(), 7);
+    }
+
+    #[test]
+    fn an_abandoned_answer_closes_the_channel_and_rings() {
+        let bell = doorbell();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<i32>();
+        drop(Answer {
+            tx: Some(tx),
+            doorbell: bell.clone(),
+        });
+        assert_eq!(bell.read().unwrap(), 1);
+        assert!(matches!(
+            rx.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        ));
     }
 }
