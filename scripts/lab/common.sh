@@ -20,12 +20,12 @@ start_node() {
     echo "node $1 did not come up:"; cat "$dir/$1.log"; return 1
 }
 # pair SIZE: creates, starts and syncs alpha (primary) and beta. With
-# PAIR_UBLK=1 each node has a ublk device: alpha /dev/ublkb0, beta
-# /dev/ublkb1, served while primary.
+# PAIR_UBLK=1 each node has a ublk device: alpha /dev/ublkb0 (two queues),
+# beta /dev/ublkb1 (one), served while primary.
 pair() {
     ublk_alpha="" ublk_beta=""
     if [ "${PAIR_UBLK:-}" = 1 ]; then
-        ublk_alpha="ublk = { id = 0, depth = 32 }" ublk_beta="ublk = { id = 1, depth = 32 }"
+        ublk_alpha="ublk = { id = 0, queues = 2, depth = 32 }" ublk_beta="ublk = { id = 1, depth = 32 }"
     fi
     cat > "$dir/r0.toml" <<EOF
 name = "r0"

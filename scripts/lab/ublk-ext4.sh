@@ -10,6 +10,10 @@ wait_for /dev/ublkb0
 [ ! -e /dev/ublkb1 ] || { echo "the secondary serves a ublk device"; exit 1; }
 echo "secondary has no ublk device"
 bm alpha status | grep -q "ublk device: /dev/ublkb0"
+[ "$(cat /sys/block/ublkb0/mq/*/nr_tags | wc -l)" = 2 ] || { echo "not two queues"; exit 1; }
+# The daemon runs in a mount namespace of its own.
+[ "$(readlink /proc/"$(cat "$dir/alpha.pid")"/ns/mnt)" != "$(readlink /proc/self/ns/mnt)" ] ||
+    { echo "the daemon shares our mount namespace"; exit 1; }
 # What the device tells the kernel: a write cache (so flushes come), FUA,
 # discard and write-zeroes.
 q=/sys/block/ublkb0/queue
