@@ -134,6 +134,9 @@ impl Export {
             }
             DeviceState::Quiesced | DeviceState::FailIo => unreachable!("awaits recovery"),
         };
+        if recovered {
+            check_size(id, backend.size())?;
+        }
         let (ctrl_tx, ctrl_rx) = mpsc::channel();
         let (started_tx, started_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -252,6 +255,27 @@ impl Export {
     }
 }
 
+/// A device left for recovery must be the size of this volume: a
+/// different size means another resource's device under the same id.
+fn check_size(id: u32, volume_bytes: u64) -> Result<(), Error> {
+    let sysfs = std::fs::read_to_string(format!("/sys/block/ublkb{id}/size"));
+    let sectors = sysfs.ok().and_then(|text| text.trim().parse().ok());
+    compare_size(id, sectors, volume_bytes)
+}
+
+/// `sectors`: the device's size in 512-byte sectors, if the kernel told.
+fn compare_size(id: u32, sectors: Option<u64>, volume_bytes: u64) -> Result<(), Error> {
+    match sectors {
+        // The device has the volume's whole sectors (see set_parameters).
+        Some(sectors) if sectors != volume_bytes >> 9 => Err(Error::NotOurs {
+            id,
+            device_bytes: sectors * 512,
+            volume_bytes,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The device thread: creates or recovers the device and runs it until
 /// its queues end.
 fn run_device<B: Backend>(
@@ -330,4 +354,30 @@ fn set_parameters(dev: &mut UblkDev, size: u64) {
         max_discard_segments: 1,
         ..Default::default()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_of_the_volume_size_is_ours_and_another_size_is_not() {
+        let volume = 166_723_584;
+        assert!(compare_size(0, Some(volume >> 9), volume).is_ok());
+        let e = compare_size(3, Some(1 << 11), volume).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::NotOurs {
+                    id: 3,
+                    device_bytes: 1_048_576,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("ublk.id"), "{e}");
+        // The kernel did not say: nothing to hold against the device.
+        assert!(compare_size(0, None, volume).is_ok());
+    }
 }

@@ -80,6 +80,15 @@ pub enum Error {
     },
     #[error("ublk device {id} is served by another process (pid {pid})")]
     ServedElsewhere { id: u32, pid: i32 },
+    #[error(
+        "ublk device {id} waiting for recovery has {device_bytes} bytes, this volume \
+         {volume_bytes}: it is not this node's device (check `ublk.id` in the config)"
+    )]
+    NotOurs {
+        id: u32,
+        device_bytes: u64,
+        volume_bytes: u64,
+    },
     #[error("{} is in use (mounted, or held open exclusively): unmount it first", .0.display())]
     InUse(PathBuf),
     #[error("entering a mount namespace of our own failed: {0}")]
