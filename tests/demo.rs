@@ -1,4 +1,4 @@
-//! The README's first command, `blkmirror demo`, runs to completion.
+//! The README's first command, `scripts/demo`, runs `blkmirror demo`: it runs to completion.
 
 mod common;
 
