@@ -20,11 +20,6 @@ use crate::Error;
 /// Runs `node` of `config` in the foreground until it is told to stop.
 pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let node_config = config.node(node)?;
-    if node_config.ublk.is_some() {
-        // Before touching anything: a node that cannot serve its device
-        // says so at once.
-        blkmirror_ublk::check_driver()?;
-    }
     // The control socket first: it is how a second `up` of the same node
     // learns it must not touch the disk at all.
     let (control_listener, _control_file) = bind_unix(&node_config.control).await?;
@@ -154,21 +149,33 @@ async fn resume_ublk(
     }
 }
 
-/// Removes the ublk device before going down; a device in use keeps the
-/// node up (as DRBD refuses `down` on a device held open).
+/// Removes the ublk device, if the node has one; refused while it is in
+/// use (as DRBD refuses to demote or stop a device held open).
+async fn stop_ublk(ublk: Option<&UblkFrontend>) -> Result<(), Error> {
+    match ublk {
+        Some(ublk) => ublk.stop().await,
+        None => Ok(()),
+    }
+}
+
+/// NBD connections attached: the volume's clients, less the ublk device.
+fn nbd_clients(volume: &Volume, ublk: Option<&UblkFrontend>) -> usize {
+    let held_by_device = usize::from(ublk.and_then(UblkFrontend::serving).is_some());
+    volume.attached_clients().saturating_sub(held_by_device)
+}
+
+/// A signal asks the node down: it goes once its ublk device is removed,
+/// and stays up while the device is in use.
 async fn may_go_down(ublk: Option<&UblkFrontend>, why: &str) -> bool {
-    match ublk.map(|u| u.stop()) {
-        None => true,
-        Some(stopping) => match stopping.await {
-            Ok(()) => {
-                tracing::info!("{why}: going down");
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "{why}: not going down");
-                false
-            }
-        },
+    match stop_ublk(ublk).await {
+        Ok(()) => {
+            tracing::info!("{why}: going down");
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "{why}: not going down");
+            false
+        }
     }
 }
 
@@ -192,11 +199,10 @@ async fn handle_control(
         Request::Status => {
             let mut status = volume.status();
             status.peer = Some(peer.status());
-            if let Some(device) = ublk.and_then(UblkFrontend::serving) {
-                // The device holds one of the volume's attachments.
-                status.nbd_clients = status.nbd_clients.saturating_sub(1);
-                status.ublk_device = Some(device.display().to_string());
-            }
+            status.nbd_clients = nbd_clients(volume, ublk);
+            status.ublk_device = ublk
+                .and_then(UblkFrontend::serving)
+                .map(|device| device.display().to_string());
             (Response::Status(Box::new(status)), false)
         }
         Request::Primary { force } => {
@@ -217,17 +223,11 @@ async fn handle_control(
             (to_response(result), false)
         }
         Request::Secondary => {
-            let result = match ublk {
-                Some(ublk) => {
-                    // NBD clients refuse the demotion anyway: keep the
-                    // device rather than remove it for nothing.
-                    let held_by_device = usize::from(ublk.serving().is_some());
-                    match volume.status().nbd_clients.saturating_sub(held_by_device) {
-                        0 => ublk.stop().await,
-                        clients => Err(Error::ClientsAttached(clients)),
-                    }
-                }
-                None => Ok(()),
+            // NBD clients refuse the demotion anyway: keep the device
+            // rather than remove it for nothing.
+            let result = match nbd_clients(volume, ublk) {
+                0 => stop_ublk(ublk).await,
+                clients => Err(Error::ClientsAttached(clients)),
             };
             let result = match result {
                 Ok(()) => volume.demote().await,
@@ -271,12 +271,9 @@ async fn handle_control(
             false,
         ),
         Request::Fault { spec } => (inject_faults(&spec), false),
-        Request::Down => match ublk.map(|u| u.stop()) {
-            None => (Response::Ok, true),
-            Some(stopping) => match stopping.await {
-                Ok(()) => (Response::Ok, true),
-                Err(e) => (to_response(Err(e)), false),
-            },
+        Request::Down => match stop_ublk(ublk).await {
+            Ok(()) => (Response::Ok, true),
+            Err(e) => (to_response(Err(e)), false),
         },
     };
     let _ = control::write_response(&mut stream, &response).await;

@@ -515,6 +515,12 @@ impl Volume {
         Ok(())
     }
 
+    /// Frontend clients attached now (NBD connections, and the ublk
+    /// device while it is served).
+    pub fn attached_clients(&self) -> usize {
+        self.state.lock().unwrap().clients
+    }
+
     pub fn detach(&self) {
         let mut state = self.state.lock().unwrap();
         state.clients = state.clients.saturating_sub(1);

@@ -121,21 +121,17 @@ impl Export {
     ) -> Result<Export, Error> {
         let id = settings.id;
         let state = device_state(id)?;
-        let recovered = match state {
-            _ if state.awaits_recovery() => true,
-            DeviceState::Absent => false,
+        let recovered = state.awaits_recovery();
+        match state {
+            _ if recovered => check_size(id, backend.size())?,
             DeviceState::Live { pid } => return Err(Error::ServedElsewhere { id, pid }),
             DeviceState::Dead => {
                 tracing::info!(id, "removing a stopped ublk device left behind");
                 UblkCtrl::new_simple(id as i32)
                     .and_then(|c| c.del_dev())
                     .map_err(|e| control_error(id, "remove stale device", e))?;
-                false
             }
-            DeviceState::Quiesced | DeviceState::FailIo => unreachable!("awaits recovery"),
-        };
-        if recovered {
-            check_size(id, backend.size())?;
+            DeviceState::Absent | DeviceState::Quiesced | DeviceState::FailIo => {}
         }
         let (ctrl_tx, ctrl_rx) = mpsc::channel();
         let (started_tx, started_rx) = mpsc::channel();
@@ -188,10 +184,6 @@ impl Export {
                 }))
             }
         }
-    }
-
-    pub fn settings(&self) -> Settings {
-        self.settings
     }
 
     /// True when this daemon took the device over from a dead one.
