@@ -238,11 +238,7 @@ impl Message {
                 offset,
                 flags,
                 data,
-            } => {
-                w.extend_from_slice(&offset.to_le_bytes());
-                w.extend_from_slice(&flags.to_le_bytes());
-                w.extend_from_slice(data);
-            }
+            } => encode_write_payload_into(w, *offset, *flags, data),
             Message::Ack { seq, kind, errno } => {
                 w.extend_from_slice(&seq.to_le_bytes());
                 w.push(match kind {
@@ -421,6 +417,16 @@ impl Message {
         r.finish()?;
         Ok(message)
     }
+}
+
+/// A `Write` payload's bytes before its data: offset and flags.
+pub const WRITE_FIXED_BYTES: usize = 12;
+
+/// Appends a `Write` payload to `w`.
+pub fn encode_write_payload_into(w: &mut Vec<u8>, offset: u64, flags: u32, data: &[u8]) {
+    w.extend_from_slice(&offset.to_le_bytes());
+    w.extend_from_slice(&flags.to_le_bytes());
+    w.extend_from_slice(data);
 }
 
 fn put_bytes16(w: &mut Vec<u8>, bytes: &[u8]) {

@@ -624,18 +624,38 @@ impl Volume {
                 return Ok(());
             }
         };
-        let message = Message::Write {
-            offset,
-            flags: peer::fua_flag(fua),
-            data: data.to_vec(),
-        };
+        let outgoing = self.outgoing_write(&link, offset, peer::fua_flag(fua), &data);
         let local = async {
             if !self.is_diskless() {
                 self.store.write(at, data, fua).await?;
             }
             Ok(())
         };
-        self.replicate(&link, message, offset, len, local).await
+        self.replicate(&link, outgoing, offset, len, local).await
+    }
+
+    /// The protocol a write follows now, and the frame that carries it to
+    /// the peer.
+    fn outgoing_write(
+        &self,
+        link: &Channel,
+        offset: u64,
+        flags: u32,
+        data: &[u8],
+    ) -> (Protocol, Vec<u8>) {
+        // Without a disk of its own, the client hears success only once the
+        // peer's disk has the write, whatever the protocol.
+        let protocol = if self.is_diskless() {
+            Protocol::C
+        } else {
+            self.protocol
+        };
+        let flags = match protocol {
+            Protocol::B => flags | WRITE_FLAG_ACK_RECEIVED,
+            Protocol::A | Protocol::C => flags,
+        };
+        let frame = blkmirror_proto::encode_write_frame(offset, flags, data, link.volume_uuid(), 0);
+        (protocol, frame)
     }
 
     /// Runs the local half of a write beside sending it to the peer, and
@@ -647,28 +667,13 @@ impl Volume {
     async fn replicate(
         self: &Arc<Self>,
         link: &Arc<Channel>,
-        mut message: Message,
+        (protocol, frame): (Protocol, Vec<u8>),
         offset: u64,
         len: u64,
         local: impl Future<Output = Result<(), Error>>,
     ) -> Result<(), Error> {
-        // Without a disk of its own, the client hears success only once the
-        // peer's disk has the write, whatever the protocol.
-        let protocol = if self.is_diskless() {
-            Protocol::C
-        } else {
-            self.protocol
-        };
         let remote = async {
-            let mut reply = if protocol == Protocol::B {
-                if let Message::Write { flags, .. } = &mut message {
-                    *flags |= WRITE_FLAG_ACK_RECEIVED;
-                }
-                link.enqueue_received(&message).await?
-            } else {
-                link.enqueue(&message).await?
-            };
-            drop(message);
+            let mut reply = link.enqueue_frame(frame, protocol == Protocol::B).await?;
             match protocol {
                 Protocol::C => reply.written().await.map(PeerHalf::Answered),
                 Protocol::B => {
@@ -1154,11 +1159,7 @@ impl Volume {
         if unmap {
             flags |= WRITE_FLAG_UNMAP;
         }
-        let message = Message::Write {
-            offset,
-            flags,
-            data: len.to_le_bytes().to_vec(),
-        };
-        self.replicate(&link, message, offset, len, local).await
+        let outgoing = self.outgoing_write(&link, offset, flags, &len.to_le_bytes());
+        self.replicate(&link, outgoing, offset, len, local).await
     }
 }

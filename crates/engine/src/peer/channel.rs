@@ -8,13 +8,14 @@
 //! (handshake, ping, `Received`) belong to one link and are never resent.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blkmirror_config::LINKS_MAX;
 use blkmirror_proto::{AckKind, Message};
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -34,6 +35,8 @@ const _: () = assert!(
 /// Frames the receiver holds out of order before it calls the peer broken
 /// (the sender's window keeps an honest peer far below this).
 const REORDER_FRAMES_MAX: usize = 1 << 17;
+/// Frames handed to the socket in one system call, at most.
+const WRITE_BATCH_FRAMES: usize = 64;
 /// How often the receiver confirms what it has taken.
 const RECEIVED_INTERVAL: Duration = Duration::from_millis(5);
 
@@ -190,20 +193,29 @@ impl Channel {
             .map(|r| r.expect("asked"))
     }
 
-    /// As `enqueue`, and the reply also tells when the peer has received it.
-    pub async fn enqueue_received(&self, message: &Message) -> Result<Reply, Lost> {
-        self.push(message, Some(true))
-            .await
-            .map(|r| r.expect("asked"))
-    }
-
     /// Sends a sequenced message that needs no answer.
     pub async fn send(&self, message: &Message) -> Result<(), Lost> {
         self.push(message, None).await.map(|_| ())
     }
 
+    /// As `enqueue` (or `enqueue_received`), for a frame already encoded
+    /// (with sequence 0: the channel stamps its own).
+    pub async fn enqueue_frame(&self, frame: Vec<u8>, with_received: bool) -> Result<Reply, Lost> {
+        self.push_frame(frame, Some(with_received))
+            .await
+            .map(|r| r.expect("asked"))
+    }
+
     async fn push(&self, message: &Message, reply: Option<bool>) -> Result<Option<Reply>, Lost> {
-        let mut frame = blkmirror_proto::encode_frame(message, self.volume_uuid, 0);
+        let frame = blkmirror_proto::encode_frame(message, self.volume_uuid, 0);
+        self.push_frame(frame, reply).await
+    }
+
+    async fn push_frame(
+        &self,
+        mut frame: Vec<u8>,
+        reply: Option<bool>,
+    ) -> Result<Option<Reply>, Lost> {
         let units = frame.len().div_ceil(WINDOW_UNIT_BYTES) as u32;
         let permit = self
             .window
@@ -444,14 +456,21 @@ impl Channel {
         queued_bytes: Arc<AtomicUsize>,
     ) {
         let result: std::io::Result<()> = async {
+            // Frames go to the socket straight from where they were encoded,
+            // as many as are queued in one system call.
+            writer.flush().await?;
+            let mut socket = writer.into_inner();
+            let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
             while let Some(frame) = queue.recv().await {
-                let mut written = frame.len();
-                writer.write_all(&frame).await?;
-                while let Ok(frame) = queue.try_recv() {
-                    written += frame.len();
-                    writer.write_all(&frame).await?;
+                batch.push(frame);
+                while batch.len() < WRITE_BATCH_FRAMES {
+                    match queue.try_recv() {
+                        Ok(frame) => batch.push(frame),
+                        Err(_) => break,
+                    }
                 }
-                writer.flush().await?;
+                let written = batch.iter().map(Bytes::len).sum::<usize>();
+                write_all_vectored(&mut socket, &mut batch).await?;
                 queued_bytes.fetch_sub(written, Ordering::Relaxed);
                 self.sent_bytes[index].fetch_add(written as u64, Ordering::Relaxed);
             }
@@ -551,6 +570,33 @@ impl Inbox {
         self.channel.taken.store(seq, Ordering::Relaxed);
         (seq, message)
     }
+}
+
+/// Writes every frame of `batch` (and empties it), a system call for as
+/// many as the socket takes at once.
+async fn write_all_vectored(
+    socket: &mut OwnedWriteHalf,
+    batch: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < batch.len() {
+        let slices: Vec<IoSlice<'_>> = batch[first..].iter().map(|f| IoSlice::new(f)).collect();
+        let mut n = socket.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let frame = &mut batch[first];
+            let taken = n.min(frame.len());
+            frame.advance(taken);
+            n -= taken;
+            if frame.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    batch.clear();
+    Ok(())
 }
 
 /// The live link with the fewest bytes waiting; ties go round by `turn`,
