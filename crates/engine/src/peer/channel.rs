@@ -198,8 +198,9 @@ impl Channel {
         self.push(message, None).await.map(|_| ())
     }
 
-    /// As `enqueue` (or `enqueue_received`), for a frame already encoded
-    /// (with sequence 0: the channel stamps its own).
+    /// As `enqueue`, for a frame already encoded (with sequence 0: the
+    /// channel stamps its own). With `with_received`, the reply also tells
+    /// when the peer has received the frame (protocol B).
     pub async fn enqueue_frame(&self, frame: Vec<u8>, with_received: bool) -> Result<Reply, Lost> {
         self.push_frame(frame, Some(with_received))
             .await
