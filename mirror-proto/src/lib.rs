@@ -12,19 +12,9 @@ pub use message::{AckKind, Hello, Message, MessageError};
 
 /// Encodes `message` as one frame: header followed by payload.
 pub fn encode_frame(message: &Message, volume_uuid: [u8; 16], sequence: u64) -> Vec<u8> {
-    // One buffer: room for the header, the payload after it, then the
-    // header (which needs the payload's checksum) written in front.
-    let mut out = vec![0u8; HEADER_BYTES];
-    message.encode_payload_into(&mut out);
-    let header = FrameHeader::for_payload(
-        message.kind(),
-        0,
-        volume_uuid,
-        sequence,
-        &out[HEADER_BYTES..],
-    );
-    out[..HEADER_BYTES].copy_from_slice(&header.encode());
-    out
+    frame_around(message.kind(), volume_uuid, sequence, 0, |w| {
+        message.encode_payload_into(w)
+    })
 }
 
 /// Encodes a `Write` frame straight from the data: the same bytes as
@@ -37,16 +27,30 @@ pub fn encode_write_frame(
     volume_uuid: [u8; 16],
     sequence: u64,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_BYTES + message::WRITE_FIXED_BYTES + data.len());
-    out.resize(HEADER_BYTES, 0);
-    message::encode_write_payload_into(&mut out, offset, flags, data);
-    let header = FrameHeader::for_payload(
+    let payload_bytes = message::WRITE_FIXED_BYTES + data.len();
+    frame_around(
         message::kind::WRITE,
-        0,
         volume_uuid,
         sequence,
-        &out[HEADER_BYTES..],
-    );
+        payload_bytes,
+        |w| message::encode_write_payload_into(w, offset, flags, data),
+    )
+}
+
+/// One buffer for a whole frame: room for the header, the payload that
+/// `write_payload` appends after it (`payload_bytes` expected), then the
+/// header (which needs the payload's checksum) written in front.
+fn frame_around(
+    kind: u16,
+    volume_uuid: [u8; 16],
+    sequence: u64,
+    payload_bytes: usize,
+    write_payload: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload_bytes);
+    out.resize(HEADER_BYTES, 0);
+    write_payload(&mut out);
+    let header = FrameHeader::for_payload(kind, 0, volume_uuid, sequence, &out[HEADER_BYTES..]);
     out[..HEADER_BYTES].copy_from_slice(&header.encode());
     out
 }

@@ -127,8 +127,9 @@ async fn resume_ublk(
             while peer.status().peer_role.is_none() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
-            let resumed = if peer.status().peer_role == Some(Role::Primary) {
-                Err(Error::PeerIsPrimary(peer.status().peer_node))
+            let peer_status = peer.status();
+            let resumed = if peer_status.peer_role == Some(Role::Primary) {
+                Err(Error::PeerIsPrimary(peer_status.peer_node))
             } else {
                 match volume.promote(false) {
                     Ok(()) => ublk.start().await,

@@ -218,8 +218,8 @@ async fn reap(shared: Arc<Shared>) {
                 return;
             }
         };
-        // Only what reaping pushed (continuations, the backlog) needs a
-        // system call.
+        // One system call for all that waits: entries callers pushed, and
+        // what reaping pushed (continuations, the backlog).
         if !ring.ring.submission().is_empty() {
             ring.submit();
         }
