@@ -112,7 +112,10 @@ pub enum Message {
     BarrierAck {
         epoch: u64,
     },
-    /// A slice of the sender's dirty bitmap, starting at bit `first_bit`.
+    /// A slice of the sender's dirty bitmap, starting at bit `first_bit`
+    /// (a multiple of 8) of `total_bits`, one bit per granule of the
+    /// sender's granularity. Bit `k` of the slice is bit `k % 8` of byte
+    /// `k / 8`, least significant first: see [`bitmap_runs`].
     Bitmap {
         first_bit: u64,
         total_bits: u64,
@@ -167,6 +170,34 @@ pub enum Message {
         disk_state: u8,
         flags: u32,
     },
+}
+
+/// The set bits of a `Bitmap` slice, as runs `(first, count)` of bit
+/// numbers counted from the slice's start, in order.
+pub fn bitmap_runs(bits: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let total = bits.len() as u64 * 8;
+    let is_set = move |k: u64| bits[(k / 8) as usize] & (1 << (k % 8)) != 0;
+    let mut k = 0u64;
+    std::iter::from_fn(move || {
+        // To the next set bit, over clean bytes whole.
+        loop {
+            if k >= total {
+                return None;
+            }
+            if k.is_multiple_of(8) && bits[(k / 8) as usize] == 0 {
+                k += 8;
+            } else if is_set(k) {
+                break;
+            } else {
+                k += 1;
+            }
+        }
+        let first = k;
+        while k < total && is_set(k) {
+            k += 1;
+        }
+        Some((first, k - first))
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -618,6 +649,33 @@ mod tests {
                 extra: 1
             })
         );
+    }
+
+    proptest! {
+        #[test]
+        fn bitmap_runs_are_exactly_the_set_bits(bits in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let runs: Vec<(u64, u64)> = bitmap_runs(&bits).collect();
+            let mut from_runs = vec![false; bits.len() * 8];
+            let mut last_end = None;
+            for &(first, count) in &runs {
+                prop_assert!(count > 0);
+                // In order, and adjacent runs are merged.
+                prop_assert!(last_end.is_none_or(|end| first > end));
+                last_end = Some(first + count);
+                for k in first..first + count {
+                    from_runs[k as usize] = true;
+                }
+            }
+            for (k, &set) in from_runs.iter().enumerate() {
+                prop_assert_eq!(set, bits[k / 8] & (1 << (k % 8)) != 0, "bit {}", k);
+            }
+        }
+    }
+
+    #[test]
+    fn bitmap_runs_read_bits_least_significant_first() {
+        let runs: Vec<_> = bitmap_runs(&[0b0000_0110, 0, 0b1000_0000, 0b0000_0001]).collect();
+        assert_eq!(runs, vec![(1, 2), (23, 2)]);
     }
 
     #[test]

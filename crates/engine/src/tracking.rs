@@ -161,6 +161,21 @@ impl ChangeTracker {
         self.bitmap.lock().unwrap().runs().collect()
     }
 
+    /// Pages of the bitmap, for `page_bits`.
+    pub fn page_count(&self) -> usize {
+        self.bitmap.lock().unwrap().page_count()
+    }
+
+    /// Page `index` of the bitmap, if any of it is dirty: its first granule
+    /// and its bits (see `DirtyBitmap::page_bits`).
+    pub fn page_bits(&self, index: usize) -> Option<(u64, Vec<u8>)> {
+        self.bitmap.lock().unwrap().page_bits(index)
+    }
+
+    pub fn granularity(&self) -> u64 {
+        u64::from(self.layout.granularity)
+    }
+
     pub fn out_of_sync_bytes(&self) -> u64 {
         self.bitmap.lock().unwrap().dirty_bytes()
     }

@@ -968,6 +968,22 @@ impl Volume {
         self.tracker.runs()
     }
 
+    /// Pages of the dirty bitmap, for `dirty_page_bits`.
+    pub fn bitmap_page_count(&self) -> usize {
+        self.tracker.page_count()
+    }
+
+    /// Page `index` of the dirty bitmap, if any of it is dirty: its first
+    /// granule and its bits.
+    pub fn dirty_page_bits(&self, index: usize) -> Option<(u64, Vec<u8>)> {
+        self.tracker.page_bits(index)
+    }
+
+    /// Bytes of data per bit of the dirty bitmap.
+    pub fn granularity(&self) -> u64 {
+        self.tracker.granularity()
+    }
+
     pub fn mark_out_of_sync(&self, offset: u64, len: u64) {
         self.tracker.mark(offset, len);
     }

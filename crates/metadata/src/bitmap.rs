@@ -189,6 +189,24 @@ impl DirtyBitmap {
         })
     }
 
+    /// Pages of bits, as `page_bits` counts them.
+    pub fn page_count(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Page `index` of the bitmap, if any of its granules is dirty: its
+    /// first granule, and its bits as bytes (granule `first + k` is bit
+    /// `k % 8` of byte `k / 8`, least significant first), ending with the
+    /// byte that holds the bitmap's last granule.
+    pub fn page_bits(&self, index: usize) -> Option<(u64, Vec<u8>)> {
+        let page = self.pages.get(index)?.as_ref()?;
+        let first = index as u64 * BITS_PER_BITMAP_PAGE;
+        let bits = (self.total_bits - first).min(BITS_PER_BITMAP_PAGE);
+        let mut bytes: Vec<u8> = page.iter().flat_map(|word| word.to_le_bytes()).collect();
+        bytes.truncate(bits.div_ceil(8) as usize);
+        Some((first, bytes))
+    }
+
     fn next_dirty(&self, from: u64) -> Option<u64> {
         let mut granule = from;
         while granule < self.total_bits {
@@ -405,6 +423,27 @@ mod tests {
         b.mark(10 * G, G);
         let runs: Vec<_> = b.runs().collect();
         assert_eq!(runs, vec![(10 * G, G), (page_bytes - 2 * G, 4 * G)]);
+    }
+
+    #[test]
+    fn page_bits_hold_each_dirty_granule_and_end_with_the_bitmap() {
+        // One full page and a last page of 100 granules.
+        let data_size = (BITS_PER_BITMAP_PAGE + 100) * G;
+        let mut b = DirtyBitmap::new(data_size, GRANULARITY_DEFAULT_BYTES);
+        b.mark(3 * G, 2 * G);
+        b.mark((BITS_PER_BITMAP_PAGE + 99) * G, G);
+        assert_eq!(b.page_count(), 2);
+        let (first, bytes) = b.page_bits(0).unwrap();
+        assert_eq!(first, 0);
+        assert_eq!(bytes.len() as u64, BITS_PER_BITMAP_PAGE / 8);
+        assert_eq!(bytes[0], 0b0001_1000);
+        assert!(bytes[1..].iter().all(|&byte| byte == 0));
+        let (first, bytes) = b.page_bits(1).unwrap();
+        assert_eq!(first, BITS_PER_BITMAP_PAGE);
+        assert_eq!(bytes.len(), 13, "100 granules end in byte 12");
+        assert_eq!(bytes[12], 1 << 3);
+        b.clear(0, 8 * G);
+        assert!(b.page_bits(0).is_none(), "a clean page has no bits to tell");
     }
 
     #[test]

@@ -703,7 +703,7 @@ impl Manager {
         } else {
             Vec::new()
         };
-        let run = self.connected(inbox, &channel, decision);
+        let run = self.connected(inbox, &channel, decision, u64::from(remote.granularity));
         let Some((arrivals, carried)) = arrivals else {
             return run.await;
         };
@@ -930,6 +930,7 @@ impl Manager {
         mut inbox: channel::Inbox,
         link: &Arc<Channel>,
         decision: SyncDecision,
+        peer_granularity: u64,
     ) -> Result<(), PeerError> {
         let volume = &self.volume;
         match decision {
@@ -949,12 +950,25 @@ impl Manager {
                 if decision == SyncDecision::SourceFull {
                     volume.mark_all_out_of_sync();
                 }
-                // The target first says what it lacks on its side, then its state.
+                // The target first says what it changed on its side (which
+                // it must get back from here), then its state.
                 loop {
                     match inbox.next().await?.1 {
                         Message::ResyncRequest { offset, len, .. } => {
                             volume.mark_out_of_sync(offset, u64::from(len))
                         }
+                        Message::Bitmap {
+                            first_bit,
+                            total_bits,
+                            bits,
+                        } => resync::mark_reported_bits(
+                            volume,
+                            peer_granularity,
+                            first_bit,
+                            total_bits,
+                            &bits,
+                        )
+                        .map_err(PeerError::Wire)?,
                         Message::State { .. } => break,
                         other => {
                             return Err(PeerError::Wire(format!(
@@ -982,15 +996,11 @@ impl Manager {
             SyncDecision::TargetDifferential | SyncDecision::TargetFull => {
                 volume.begin_sync_target().await?;
                 if decision == SyncDecision::TargetDifferential {
-                    for (offset, len) in volume.dirty_runs() {
-                        for (chunk_offset, chunk_len) in resync::chunks(offset, len) {
-                            link.send(&Message::ResyncRequest {
-                                offset: chunk_offset,
-                                len: chunk_len as u32,
-                                checksum_only: false,
-                            })
-                            .await
-                            .map_err(|_| PeerError::Wire("link closed".into()))?;
+                    for index in 0..volume.bitmap_page_count() {
+                        for message in resync::report_dirty_page(volume, index) {
+                            link.send(&message)
+                                .await
+                                .map_err(|_| PeerError::Wire("link closed".into()))?;
                         }
                     }
                 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blkmirror_proto::message::WRITE_FLAG_ZERO;
-use blkmirror_proto::Message;
+use blkmirror_proto::{bitmap_runs, Message, HEADER_BYTES};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -261,6 +261,87 @@ pub fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
         .map(move |o| (o, (end - o).min(RESYNC_CHUNK_BYTES)))
 }
 
+/// Longest range one `ResyncRequest` reports (its length is a u32).
+const REPORTED_RANGE_MAX_BYTES: u64 = 1 << 30;
+
+/// What a sync target tells the source about page `index` of its dirty
+/// bitmap: the ranges it changed there, which the source must send back.
+pub fn report_dirty_page(volume: &Volume, index: usize) -> Vec<Message> {
+    match volume.dirty_page_bits(index) {
+        Some((first_bit, bits)) => {
+            report_page(first_bit, bits, volume.granularity(), volume.data_size())
+        }
+        None => Vec::new(),
+    }
+}
+
+/// One page of a dirty bitmap as messages: a `ResyncRequest` per range
+/// where they are few, or else the page's bits in one `Bitmap` message,
+/// whichever is shorter on the wire. A page scattered with small writes
+/// costs one message, not thousands.
+fn report_page(first_bit: u64, bits: Vec<u8>, granularity: u64, data_size: u64) -> Vec<Message> {
+    let requests: Vec<Message> = bitmap_runs(&bits)
+        .flat_map(|(first, count)| {
+            let offset = (first_bit + first) * granularity;
+            let end = ((first_bit + first + count) * granularity).min(data_size);
+            (offset..end)
+                .step_by(REPORTED_RANGE_MAX_BYTES as usize)
+                .map(move |o| Message::ResyncRequest {
+                    offset: o,
+                    len: (end - o).min(REPORTED_RANGE_MAX_BYTES) as u32,
+                    checksum_only: false,
+                })
+        })
+        .collect();
+    let bitmap = Message::Bitmap {
+        first_bit,
+        total_bits: data_size.div_ceil(granularity),
+        bits,
+    };
+    let wire_bytes = |m: &Message| HEADER_BYTES + m.encode_payload().len();
+    let requests_bytes = requests.first().map_or(0, wire_bytes) * requests.len();
+    if requests_bytes <= wire_bytes(&bitmap) {
+        requests
+    } else {
+        vec![bitmap]
+    }
+}
+
+/// Marks out of sync what a sync target's `Bitmap` message says it
+/// changed; `granularity` is the target's, from its Hello.
+pub fn mark_reported_bits(
+    volume: &Volume,
+    granularity: u64,
+    first_bit: u64,
+    total_bits: u64,
+    bits: &[u8],
+) -> Result<(), String> {
+    for (offset, len) in
+        reported_ranges(granularity, first_bit, total_bits, bits, volume.data_size())?
+    {
+        volume.mark_out_of_sync(offset, len);
+    }
+    Ok(())
+}
+
+/// The byte ranges a `Bitmap` message marks, in the sender's granularity.
+fn reported_ranges(
+    granularity: u64,
+    first_bit: u64,
+    total_bits: u64,
+    bits: &[u8],
+    data_size: u64,
+) -> Result<impl Iterator<Item = (u64, u64)> + '_, String> {
+    if granularity == 0 || total_bits != data_size.div_ceil(granularity) {
+        return Err(format!(
+            "peer sent a bitmap of {total_bits} bits of {granularity} bytes \
+             for {data_size} bytes of data"
+        ));
+    }
+    Ok(bitmap_runs(bits)
+        .map(move |(first, count)| ((first_bit + first) * granularity, count * granularity)))
+}
+
 /// Streams every out-of-sync range to the peer, clearing each as it is
 /// acknowledged, then tells the peer it is done.
 pub async fn resync_source(
@@ -391,6 +472,72 @@ mod tests {
         assert_eq!(
             pieces.iter().map(|p| p.1).sum::<u64>(),
             3 * RESYNC_CHUNK_BYTES + 512
+        );
+    }
+
+    /// The granules a report's messages mark on the source.
+    fn marked_by(messages: &[Message], granularity: u64, data_size: u64) -> Vec<u64> {
+        let mut granules = Vec::new();
+        for message in messages {
+            let ranges: Vec<(u64, u64)> = match message {
+                Message::ResyncRequest { offset, len, .. } => vec![(*offset, u64::from(*len))],
+                Message::Bitmap {
+                    first_bit,
+                    total_bits,
+                    bits,
+                } => reported_ranges(granularity, *first_bit, *total_bits, bits, data_size)
+                    .unwrap()
+                    .collect(),
+                other => panic!("unexpected {other:?}"),
+            };
+            for (offset, len) in ranges {
+                granules.extend(offset / granularity..(offset + len).div_ceil(granularity));
+            }
+        }
+        granules.sort_unstable();
+        granules
+    }
+
+    #[test]
+    fn a_report_marks_exactly_the_dirty_granules_in_few_bytes() {
+        const G: u64 = 4096;
+        let data_size = 64 << 20;
+        let first_bit = 8192;
+        let total_bits = data_size / G;
+        let bits_of = |granules: &[u64]| {
+            let mut bits = vec![0u8; ((total_bits - first_bit) / 8) as usize];
+            for g in granules {
+                let k = g - first_bit;
+                bits[(k / 8) as usize] |= 1 << (k % 8);
+            }
+            bits
+        };
+        // A few runs travel as ranges.
+        let few: Vec<u64> = (9000..9100).chain([10_000, 12_345]).collect();
+        let report = report_page(first_bit, bits_of(&few), G, data_size);
+        assert!(report
+            .iter()
+            .all(|m| matches!(m, Message::ResyncRequest { .. })));
+        assert_eq!(report.len(), 3);
+        assert_eq!(marked_by(&report, G, data_size), few);
+        // Every other granule dirty: one Bitmap message, not thousands.
+        let scattered: Vec<u64> = (first_bit..total_bits).step_by(2).collect();
+        let report = report_page(first_bit, bits_of(&scattered), G, data_size);
+        assert!(matches!(report[..], [Message::Bitmap { .. }]));
+        assert_eq!(marked_by(&report, G, data_size), scattered);
+    }
+
+    #[test]
+    fn a_bitmap_of_another_size_is_refused() {
+        assert!(reported_ranges(4096, 0, 1000, &[1], 1001 * 4096).is_err());
+        assert!(reported_ranges(0, 0, 1000, &[1], 1000 * 4096).is_err());
+        let ranges: Vec<_> = reported_ranges(8192, 0, 500, &[0b101], 1000 * 4096)
+            .unwrap()
+            .collect();
+        assert_eq!(
+            ranges,
+            vec![(0, 8192), (16384, 8192)],
+            "in the sender's granularity"
         );
     }
 
