@@ -226,7 +226,7 @@ async fn split_brain_is_resolved_by_discarding_one_side() {
         return;
     }
     let res = Resource::new();
-    let (_alpha, _beta) = synced_pair(&res);
+    let (_alpha, beta) = synced_pair(&res);
     let work = split_brain(&res).await;
     let (alpha_dirty, beta_dirty) = (
         res.status("alpha")["out_of_sync_bytes"].as_u64().unwrap(),
@@ -263,6 +263,10 @@ async fn split_brain_is_resolved_by_discarding_one_side() {
     let moved = done["resync"]["done_bytes"].as_u64().unwrap();
     eprintln!(
         "split brain resolved: moved {moved} bytes (alpha changed {alpha_dirty}, beta 1 MiB)"
+    );
+    assert!(
+        beta.log().contains("ranges=0 bitmap_pages=1"),
+        "beta's 256 scattered blocks went as one page of bits"
     );
     // The two sides changed different blocks: the union is both.
     assert_eq!(

@@ -395,10 +395,9 @@ impl Message {
                 if bits.len() > BITMAP_CHUNK_MAX_BYTES {
                     return Err(r.invalid("bitmap chunk too large"));
                 }
-                let end = (bits.len() as u64)
-                    .checked_mul(8)
-                    .and_then(|n| first_bit.checked_add(n));
-                if first_bit % 8 != 0 || end.is_none_or(|e| e > total_bits.next_multiple_of(8)) {
+                // In bytes, which no u64 can overflow.
+                if first_bit % 8 != 0 || first_bit / 8 + bits.len() as u64 > total_bits.div_ceil(8)
+                {
                     return Err(r.invalid("bitmap chunk outside the bitmap"));
                 }
                 Message::Bitmap {
@@ -680,11 +679,20 @@ mod tests {
 
     #[test]
     fn bitmap_chunk_beyond_its_bitmap_is_refused() {
-        let bad = Message::Bitmap {
-            first_bit: 8,
-            total_bits: 8,
+        let chunk = |first_bit, total_bits| Message::Bitmap {
+            first_bit,
+            total_bits,
             bits: vec![0xff],
         };
-        assert!(Message::decode_payload(kind::BITMAP, &bad.encode_payload()).is_err());
+        let decode = |m: Message| Message::decode_payload(kind::BITMAP, &m.encode_payload());
+        assert!(decode(chunk(8, 8)).is_err());
+        assert!(
+            decode(chunk(8, 9)).is_ok(),
+            "the last byte may reach past the last bit"
+        );
+        assert!(decode(chunk(0, u64::MAX)).is_ok());
+        assert!(decode(chunk(u64::MAX - 7, u64::MAX)).is_ok());
+        assert!(decode(chunk(u64::MAX - 7, u64::MAX - 8)).is_err());
+        assert!(decode(chunk(4, 64)).is_err(), "a chunk starts on a byte");
     }
 }

@@ -136,13 +136,17 @@ impl DirtyBitmap {
                 continue;
             }
             let page = slot.get_or_insert_with(|| Box::new([0; WORDS_PER_PAGE]));
+            // A word at a time: marking a whole volume is 64 bits a step.
             let mut page_changed = 0u32;
-            for bit in first_bit..first_bit + count {
-                let (word, mask) = (bit / 64, 1u64 << (bit % 64));
-                if (page[word] & mask != 0) != value {
-                    page[word] ^= mask;
-                    page_changed += 1;
-                }
+            let (mut bit, end) = (first_bit, first_bit + count);
+            while bit < end {
+                let (word, low) = (bit / 64, bit % 64);
+                let high = (end - word * 64).min(64);
+                let mask = (!0u64 >> (64 - (high - low))) << low;
+                let old = page[word];
+                page[word] = if value { old | mask } else { old & !mask };
+                page_changed += (old ^ page[word]).count_ones();
+                bit = word * 64 + high;
             }
             if page_changed > 0 {
                 self.unflushed[page_index] = true;

@@ -114,7 +114,8 @@ impl Layout {
     }
 }
 
-fn check_granularity(granularity: u32) -> Result<(), Error> {
+/// A bitmap granularity is a power of two within the supported range.
+pub fn check_granularity(granularity: u32) -> Result<(), Error> {
     if !granularity.is_power_of_two()
         || !(GRANULARITY_MIN_BYTES..=GRANULARITY_MAX_BYTES).contains(&granularity)
     {

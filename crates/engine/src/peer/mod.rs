@@ -766,6 +766,12 @@ impl Manager {
 
     /// Checks who the peer is and agrees on the volume UUID.
     fn check_hello(&self, local: &Hello, remote: &Hello) -> Result<[u8; 16], PeerError> {
+        if let Err(e) = blkmirror_metadata::layout::check_granularity(remote.granularity) {
+            return Err(PeerError::Refused(format!(
+                "peer {}: {e}",
+                remote.node_name
+            )));
+        }
         if remote.data_size != local.data_size {
             return Err(PeerError::Refused(format!(
                 "peer {} has {} bytes of data, this node {}: the disks must be the same size",
@@ -996,13 +1002,24 @@ impl Manager {
             SyncDecision::TargetDifferential | SyncDecision::TargetFull => {
                 volume.begin_sync_target().await?;
                 if decision == SyncDecision::TargetDifferential {
+                    let (mut ranges, mut pages) = (0u64, 0u64);
                     for index in 0..volume.bitmap_page_count() {
                         for message in resync::report_dirty_page(volume, index) {
+                            match message {
+                                Message::Bitmap { .. } => pages += 1,
+                                _ => ranges += 1,
+                            }
                             link.send(&message)
                                 .await
                                 .map_err(|_| PeerError::Wire("link closed".into()))?;
                         }
                     }
+                    tracing::info!(
+                        peer = self.peer_name,
+                        ranges,
+                        bitmap_pages = pages,
+                        "told the sync source what this node changed"
+                    );
                 }
                 link.send(&volume.state_message())
                     .await

@@ -280,7 +280,35 @@ pub fn report_dirty_page(volume: &Volume, index: usize) -> Vec<Message> {
 /// whichever is shorter on the wire. A page scattered with small writes
 /// costs one message, not thousands.
 fn report_page(first_bit: u64, bits: Vec<u8>, granularity: u64, data_size: u64) -> Vec<Message> {
-    let requests: Vec<Message> = bitmap_runs(&bits)
+    let wire_bytes = |m: Message| HEADER_BYTES + m.encode_payload().len();
+    let request_wire_bytes = wire_bytes(Message::ResyncRequest {
+        offset: 0,
+        len: 0,
+        checksum_only: false,
+    });
+    let bitmap_wire_bytes = bits.len()
+        + wire_bytes(Message::Bitmap {
+            first_bit: 0,
+            total_bits: 0,
+            bits: Vec::new(),
+        });
+    // Counted before any is built: past this many, the bits are shorter.
+    let ranges_max = bitmap_wire_bytes / request_wire_bytes;
+    let requests_per_run =
+        |count: u64| (count * granularity).div_ceil(REPORTED_RANGE_MAX_BYTES) as usize;
+    let mut requests_needed = 0;
+    let ranges_are_shorter = bitmap_runs(&bits).all(|(_, count)| {
+        requests_needed += requests_per_run(count);
+        requests_needed <= ranges_max
+    });
+    if !ranges_are_shorter {
+        return vec![Message::Bitmap {
+            first_bit,
+            total_bits: data_size.div_ceil(granularity),
+            bits,
+        }];
+    }
+    bitmap_runs(&bits)
         .flat_map(|(first, count)| {
             let offset = (first_bit + first) * granularity;
             let end = ((first_bit + first + count) * granularity).min(data_size);
@@ -292,19 +320,7 @@ fn report_page(first_bit: u64, bits: Vec<u8>, granularity: u64, data_size: u64) 
                     checksum_only: false,
                 })
         })
-        .collect();
-    let bitmap = Message::Bitmap {
-        first_bit,
-        total_bits: data_size.div_ceil(granularity),
-        bits,
-    };
-    let wire_bytes = |m: &Message| HEADER_BYTES + m.encode_payload().len();
-    let requests_bytes = requests.first().map_or(0, wire_bytes) * requests.len();
-    if requests_bytes <= wire_bytes(&bitmap) {
-        requests
-    } else {
-        vec![bitmap]
-    }
+        .collect()
 }
 
 /// Marks out of sync what a sync target's `Bitmap` message says it
@@ -525,6 +541,63 @@ mod tests {
         let report = report_page(first_bit, bits_of(&scattered), G, data_size);
         assert!(matches!(report[..], [Message::Bitmap { .. }]));
         assert_eq!(marked_by(&report, G, data_size), scattered);
+    }
+
+    #[test]
+    fn a_target_bitmap_reaches_the_source_exactly_over_the_wire() {
+        use blkmirror_metadata::bitmap::DirtyBitmap;
+        use blkmirror_metadata::layout::BITS_PER_BITMAP_PAGE;
+        const G: u64 = 4096;
+        // Two full pages and a partial third, whose last granule is dirty.
+        let data_size = (2 * BITS_PER_BITMAP_PAGE + 1000) * G;
+        let mut target = DirtyBitmap::new(data_size, G as u32);
+        for granule in (0..BITS_PER_BITMAP_PAGE).step_by(3) {
+            target.mark(granule * G, G); // scattered: goes as bits
+        }
+        target.mark((BITS_PER_BITMAP_PAGE + 5) * G, 300 * G); // few: as ranges
+        target.mark(data_size - G, G);
+        for source_granularity in [G, 16 * G] {
+            let mut source = DirtyBitmap::new(data_size, source_granularity as u32);
+            let mut kinds = Vec::new();
+            for index in 0..target.page_count() {
+                let (first_bit, bits) = target.page_bits(index).unwrap();
+                for message in report_page(first_bit, bits, G, data_size) {
+                    let sent = Message::decode_payload(message.kind(), &message.encode_payload())
+                        .expect("a report decodes");
+                    kinds.push(sent.kind());
+                    match sent {
+                        Message::ResyncRequest { offset, len, .. } => {
+                            source.mark(offset, u64::from(len));
+                        }
+                        Message::Bitmap {
+                            first_bit,
+                            total_bits,
+                            bits,
+                        } => {
+                            for (offset, len) in
+                                reported_ranges(G, first_bit, total_bits, &bits, data_size).unwrap()
+                            {
+                                source.mark(offset, len);
+                            }
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+            use blkmirror_proto::message::kind;
+            assert_eq!(
+                kinds,
+                [kind::BITMAP, kind::RESYNC_REQUEST, kind::RESYNC_REQUEST]
+            );
+            let mut expected = DirtyBitmap::new(data_size, source_granularity as u32);
+            for (offset, len) in target.runs() {
+                expected.mark(offset, len);
+            }
+            assert!(
+                source.runs().eq(expected.runs()),
+                "the source marks what the target changed, at granularity {source_granularity}"
+            );
+        }
     }
 
     #[test]
