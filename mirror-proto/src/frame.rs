@@ -118,8 +118,13 @@ impl FrameHeader {
 
     /// Checks a received payload against this header.
     pub fn check_payload(&self, payload: &[u8]) -> Result<(), FrameError> {
-        if payload.len() != self.payload_len as usize || crc32c::crc32c(payload) != self.payload_crc
-        {
+        self.check_payload_split(payload, &[])
+    }
+
+    /// Checks a payload received in two pieces, `head` then `tail`.
+    pub fn check_payload_split(&self, head: &[u8], tail: &[u8]) -> Result<(), FrameError> {
+        let crc = crc32c::crc32c_append(crc32c::crc32c(head), tail);
+        if head.len() + tail.len() != self.payload_len as usize || crc != self.payload_crc {
             return Err(FrameError::PayloadChecksum);
         }
         Ok(())

@@ -339,7 +339,30 @@ impl Message {
     }
 
     pub fn decode_payload(kind: u16, payload: &[u8]) -> Result<Message, MessageError> {
-        let mut r = Reader { kind, buf: payload };
+        Message::decode_split(kind, payload, Vec::new())
+    }
+
+    /// Where the data of a kind that ends in data starts in its payload: a
+    /// receiver can read the data straight into a buffer of its own and hand
+    /// it to `decode_split`, with no copy out of the payload.
+    pub fn data_offset(kind: u16) -> Option<usize> {
+        match kind {
+            kind::WRITE => Some(WRITE_FIXED_BYTES),
+            kind::RESYNC_DATA => Some(8),
+            kind::READ_REPLY => Some(12),
+            _ => None,
+        }
+    }
+
+    /// Decodes a payload received in two pieces, `head` then `tail` (the
+    /// data, when `head` ends at `data_offset`): the same as decoding the
+    /// two joined, but the tail becomes the message's data as it is.
+    pub fn decode_split(kind: u16, head: &[u8], tail: Vec<u8>) -> Result<Message, MessageError> {
+        let mut r = Reader {
+            kind,
+            buf: head,
+            tail,
+        };
         let message = match kind {
             kind::HELLO => {
                 let volume_uuid = r.array::<16>()?;
@@ -468,9 +491,13 @@ fn put_bytes16(w: &mut Vec<u8>, bytes: &[u8]) {
 struct Reader<'a> {
     kind: u16,
     buf: &'a [u8],
+    /// Bytes after `buf`, already in a buffer of their own.
+    tail: Vec<u8>,
 }
 
 impl<'a> Reader<'a> {
+    /// The next `n` bytes of the head (fixed fields never reach into the
+    /// tail: see `data_offset`).
     fn take(&mut self, n: usize) -> Result<&'a [u8], MessageError> {
         if self.buf.len() < n {
             return Err(MessageError::Truncated { kind: self.kind });
@@ -496,7 +523,13 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
     fn rest(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buf).to_vec()
+        let head = std::mem::take(&mut self.buf);
+        let tail = std::mem::take(&mut self.tail);
+        if head.is_empty() {
+            tail
+        } else {
+            [head, &tail].concat()
+        }
     }
     fn invalid(&self, what: &'static str) -> MessageError {
         MessageError::Invalid {
@@ -505,7 +538,7 @@ impl<'a> Reader<'a> {
         }
     }
     fn finish(self) -> Result<(), MessageError> {
-        match self.buf.len() {
+        match self.buf.len() + self.tail.len() {
             0 => Ok(()),
             extra => Err(MessageError::Trailing {
                 kind: self.kind,
@@ -634,6 +667,25 @@ mod tests {
             prop_assume!(!matches!(message, Message::Write { .. } | Message::ResyncData { .. } | Message::Bitmap { .. } | Message::ReadReply { .. }));
             let cut = cut.min(payload.len());
             prop_assert!(Message::decode_payload(message.kind(), &payload[..payload.len() - cut]).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_payload_in_two_pieces_decodes_alike(message in arb_message(), cut in 0usize..64) {
+            let payload = message.encode_payload();
+            let kind = message.kind();
+            // At the data's start (as a receiver splits), and anywhere else.
+            for at in [Message::data_offset(kind).unwrap_or(payload.len()), cut] {
+                let at = at.min(payload.len());
+                let split = Message::decode_split(kind, &payload[..at], payload[at..].to_vec());
+                if Message::data_offset(kind) == Some(at) || at == payload.len() {
+                    prop_assert_eq!(split, Ok(message.clone()));
+                } else if let Ok(decoded) = split {
+                    // A cut inside the fixed fields may only fail, never differ.
+                    prop_assert_eq!(decoded, message.clone());
+                }
+            }
         }
     }
 

@@ -25,6 +25,7 @@ use blkmirror_proto::message::{
     WRITE_FLAG_ZERO,
 };
 use blkmirror_proto::{auth, AckKind, FrameHeader, Hello, Message, HEADER_BYTES};
+use bytes::BufMut;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -1371,13 +1372,26 @@ impl FrameReader {
                 header.payload_len, self.payload_max_bytes
             )));
         }
-        let mut payload = vec![0u8; header.payload_len as usize];
-        self.inner.read_exact(&mut payload).await?;
+        // The data of a write goes straight into the buffer the message
+        // keeps: no zeroing, and no second copy out of the payload.
+        let len = header.payload_len as usize;
+        let head_len = Message::data_offset(header.kind)
+            .filter(|&offset| offset <= len)
+            .unwrap_or(len);
+        let mut head = vec![0u8; head_len];
+        self.inner.read_exact(&mut head).await?;
+        let mut tail = Vec::with_capacity(len - head_len);
+        while tail.len() < len - head_len {
+            let want = len - head_len - tail.len();
+            if self.inner.read_buf(&mut (&mut tail).limit(want)).await? == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        }
         header
-            .check_payload(&payload)
+            .check_payload_split(&head, &tail)
             .map_err(|e| PeerError::Wire(e.to_string()))?;
-        let message =
-            Message::decode(&header, &payload).map_err(|e| PeerError::Wire(e.to_string()))?;
+        let message = Message::decode_split(header.kind, &head, tail)
+            .map_err(|e| PeerError::Wire(e.to_string()))?;
         Ok((header.sequence, message))
     }
 }
