@@ -1372,8 +1372,9 @@ impl FrameReader {
                 header.payload_len, self.payload_max_bytes
             )));
         }
-        // The data of a write goes straight into the buffer the message
-        // keeps: no zeroing, and no second copy out of the payload.
+        // The data a frame carries (a write's, a resync chunk's, a read's)
+        // goes straight into the buffer the message keeps: no zeroing, and
+        // no second copy out of the payload.
         let len = header.payload_len as usize;
         let head_len = Message::data_offset(header.kind)
             .filter(|&offset| offset <= len)
