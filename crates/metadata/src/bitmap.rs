@@ -208,60 +208,49 @@ impl DirtyBitmap {
         Some((first, bytes))
     }
 
-    /// The first clean granule from `from` on (`total_bits` if none), a
-    /// word at a time: a run over a whole volume is found quickly.
+    fn next_dirty(&self, from: u64) -> Option<u64> {
+        self.next_with(from, true)
+    }
+
+    /// The first clean granule from `from` on (`total_bits` if none).
     fn next_clean(&self, from: u64) -> u64 {
+        self.next_with(from, false).unwrap_or(self.total_bits)
+    }
+
+    /// The first granule from `from` on that is dirty (or clean), a word at
+    /// a time: a run over a whole volume is found quickly.
+    fn next_with(&self, from: u64, dirty: bool) -> Option<u64> {
+        let wanted = |word: u64| if dirty { word } else { !word };
         let mut granule = from;
         while granule < self.total_bits {
             let (page_index, bit) = split(granule);
+            let page_end = (page_index as u64 + 1) * BITS_PER_BITMAP_PAGE;
             let Some(page) = &self.pages[page_index] else {
-                return granule;
+                // A page never set is all clean.
+                if dirty {
+                    granule = page_end;
+                    continue;
+                }
+                return Some(granule);
             };
             let (mut word, shift) = (bit / 64, bit % 64);
-            let mut clean = !page[word] & (!0u64 << shift);
+            let mut bits = wanted(page[word]) & (!0u64 << shift);
             loop {
-                if clean != 0 {
+                if bits != 0 {
                     let found = page_index as u64 * BITS_PER_BITMAP_PAGE
                         + (word * 64) as u64
-                        + u64::from(clean.trailing_zeros());
-                    return found.min(self.total_bits);
+                        + u64::from(bits.trailing_zeros());
+                    // Past the last granule the bits are clean, yet no
+                    // granule.
+                    return (found < self.total_bits).then_some(found);
                 }
                 word += 1;
                 if word == WORDS_PER_PAGE {
                     break;
                 }
-                clean = !page[word];
+                bits = wanted(page[word]);
             }
-            granule = (page_index as u64 + 1) * BITS_PER_BITMAP_PAGE;
-        }
-        self.total_bits
-    }
-
-    fn next_dirty(&self, from: u64) -> Option<u64> {
-        let mut granule = from;
-        while granule < self.total_bits {
-            let (page_index, bit) = split(granule);
-            match &self.pages[page_index] {
-                None => granule = (page_index as u64 + 1) * BITS_PER_BITMAP_PAGE,
-                Some(page) => {
-                    let (mut word, shift) = (bit / 64, bit % 64);
-                    let mut bits = page[word] & (!0u64 << shift);
-                    loop {
-                        if bits != 0 {
-                            let found = page_index as u64 * BITS_PER_BITMAP_PAGE
-                                + (word * 64) as u64
-                                + u64::from(bits.trailing_zeros());
-                            return (found < self.total_bits).then_some(found);
-                        }
-                        word += 1;
-                        if word == WORDS_PER_PAGE {
-                            break;
-                        }
-                        bits = page[word];
-                    }
-                    granule = (page_index as u64 + 1) * BITS_PER_BITMAP_PAGE;
-                }
-            }
+            granule = page_end;
         }
         None
     }
