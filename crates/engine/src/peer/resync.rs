@@ -255,10 +255,15 @@ fn is_zero(data: &[u8]) -> bool {
 
 /// Splits a byte range into resync chunks.
 pub fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    pieces(offset, len, RESYNC_CHUNK_BYTES)
+}
+
+/// Splits a byte range into pieces of at most `max` bytes.
+fn pieces(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
     let end = offset + len;
     (offset..end)
-        .step_by(RESYNC_CHUNK_BYTES as usize)
-        .map(move |o| (o, (end - o).min(RESYNC_CHUNK_BYTES)))
+        .step_by(max as usize)
+        .map(move |o| (o, (end - o).min(max)))
 }
 
 /// Longest range one `ResyncRequest` reports (its length is a u32).
@@ -312,13 +317,13 @@ fn report_page(first_bit: u64, bits: Vec<u8>, granularity: u64, data_size: u64) 
         .flat_map(|(first, count)| {
             let offset = (first_bit + first) * granularity;
             let end = ((first_bit + first + count) * granularity).min(data_size);
-            (offset..end)
-                .step_by(REPORTED_RANGE_MAX_BYTES as usize)
-                .map(move |o| Message::ResyncRequest {
-                    offset: o,
-                    len: (end - o).min(REPORTED_RANGE_MAX_BYTES) as u32,
+            pieces(offset, end - offset, REPORTED_RANGE_MAX_BYTES).map(|(offset, len)| {
+                Message::ResyncRequest {
+                    offset,
+                    len: len as u32,
                     checksum_only: false,
-                })
+                }
+            })
         })
         .collect()
 }
@@ -491,25 +496,33 @@ mod tests {
         );
     }
 
-    /// The granules a report's messages mark on the source.
-    fn marked_by(messages: &[Message], granularity: u64, data_size: u64) -> Vec<u64> {
-        let mut granules = Vec::new();
+    /// The byte ranges a report's messages mark on the source.
+    fn reported_by(messages: &[Message], granularity: u64, data_size: u64) -> Vec<(u64, u64)> {
+        let mut ranges = Vec::new();
         for message in messages {
-            let ranges: Vec<(u64, u64)> = match message {
-                Message::ResyncRequest { offset, len, .. } => vec![(*offset, u64::from(*len))],
+            match message {
+                Message::ResyncRequest { offset, len, .. } => {
+                    ranges.push((*offset, u64::from(*len)))
+                }
                 Message::Bitmap {
                     first_bit,
                     total_bits,
                     bits,
-                } => reported_ranges(granularity, *first_bit, *total_bits, bits, data_size)
-                    .unwrap()
-                    .collect(),
+                } => ranges.extend(
+                    reported_ranges(granularity, *first_bit, *total_bits, bits, data_size).unwrap(),
+                ),
                 other => panic!("unexpected {other:?}"),
-            };
-            for (offset, len) in ranges {
-                granules.extend(offset / granularity..(offset + len).div_ceil(granularity));
             }
         }
+        ranges
+    }
+
+    /// The granules a report's messages mark on the source.
+    fn marked_by(messages: &[Message], granularity: u64, data_size: u64) -> Vec<u64> {
+        let mut granules: Vec<u64> = reported_by(messages, granularity, data_size)
+            .into_iter()
+            .flat_map(|(offset, len)| offset / granularity..(offset + len).div_ceil(granularity))
+            .collect();
         granules.sort_unstable();
         granules
     }
@@ -556,39 +569,27 @@ mod tests {
         }
         target.mark((BITS_PER_BITMAP_PAGE + 5) * G, 300 * G); // few: as ranges
         target.mark(data_size - G, G);
+        let mut sent = Vec::new();
+        for index in 0..target.page_count() {
+            let (first_bit, bits) = target.page_bits(index).unwrap();
+            for message in report_page(first_bit, bits, G, data_size) {
+                sent.push(
+                    Message::decode_payload(message.kind(), &message.encode_payload())
+                        .expect("a report decodes"),
+                );
+            }
+        }
+        use blkmirror_proto::message::kind;
+        let kinds: Vec<u16> = sent.iter().map(Message::kind).collect();
+        assert_eq!(
+            kinds,
+            [kind::BITMAP, kind::RESYNC_REQUEST, kind::RESYNC_REQUEST]
+        );
         for source_granularity in [G, 16 * G] {
             let mut source = DirtyBitmap::new(data_size, source_granularity as u32);
-            let mut kinds = Vec::new();
-            for index in 0..target.page_count() {
-                let (first_bit, bits) = target.page_bits(index).unwrap();
-                for message in report_page(first_bit, bits, G, data_size) {
-                    let sent = Message::decode_payload(message.kind(), &message.encode_payload())
-                        .expect("a report decodes");
-                    kinds.push(sent.kind());
-                    match sent {
-                        Message::ResyncRequest { offset, len, .. } => {
-                            source.mark(offset, u64::from(len));
-                        }
-                        Message::Bitmap {
-                            first_bit,
-                            total_bits,
-                            bits,
-                        } => {
-                            for (offset, len) in
-                                reported_ranges(G, first_bit, total_bits, &bits, data_size).unwrap()
-                            {
-                                source.mark(offset, len);
-                            }
-                        }
-                        other => panic!("unexpected {other:?}"),
-                    }
-                }
+            for (offset, len) in reported_by(&sent, G, data_size) {
+                source.mark(offset, len);
             }
-            use blkmirror_proto::message::kind;
-            assert_eq!(
-                kinds,
-                [kind::BITMAP, kind::RESYNC_REQUEST, kind::RESYNC_REQUEST]
-            );
             let mut expected = DirtyBitmap::new(data_size, source_granularity as u32);
             for (offset, len) in target.runs() {
                 expected.mark(offset, len);
