@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use blkmirror_io::{AlignedBuf, Engine, Store};
+use futures_util::FutureExt;
 
 const DISK_BYTES: u64 = 4 << 20;
 
@@ -29,9 +30,10 @@ async fn a_write_whose_caller_stops_waiting_still_reaches_the_disk() {
         // Polled once (the entry is pushed), then dropped before the
         // reaper has had a turn to submit it.
         let write = store.write(offset, AlignedBuf::from_slice(&[0xa5; 4096]), false);
-        let mut write = std::pin::pin!(write);
-        let polled = futures_poll_once(write.as_mut()).await;
-        assert!(polled.is_none(), "a write cannot finish without the reaper");
+        assert!(
+            write.now_or_never().is_none(),
+            "a write cannot finish without the reaper"
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -96,16 +98,4 @@ async fn a_burst_of_small_and_large_requests_all_complete() {
             "large write {i}"
         );
     }
-}
-
-/// Polls `future` once: its output if it was ready.
-async fn futures_poll_once<F: std::future::Future + Unpin>(future: F) -> Option<F::Output> {
-    let mut future = future;
-    std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
-            std::task::Poll::Ready(v) => Some(v),
-            std::task::Poll::Pending => None,
-        })
-    })
-    .await
 }
