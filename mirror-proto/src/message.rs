@@ -12,6 +12,10 @@ pub const NONCE_BYTES: usize = 32;
 pub const MAC_BYTES: usize = 32;
 /// Longest bitmap chunk: 64 KiB of bitmap (2 GiB of data at 4 KiB granularity).
 pub const BITMAP_CHUNK_MAX_BYTES: usize = 64 * 1024;
+/// Most answers one `Ack` carries.
+pub const ACK_ENTRIES_MAX: usize = 1024;
+/// An `Ack` entry on the wire: sequence number, kind, errno.
+const ACK_ENTRY_BYTES: usize = 13;
 
 /// Write flags carried with replicated data.
 pub const WRITE_FLAG_FUA: u32 = 1 << 0;
@@ -33,7 +37,6 @@ pub mod kind {
     pub const WRITE: u16 = 10;
     pub const ACK: u16 = 11;
     pub const BARRIER: u16 = 12;
-    pub const BARRIER_ACK: u16 = 13;
     pub const BITMAP: u16 = 20;
     pub const RESYNC_REQUEST: u16 = 21;
     pub const RESYNC_DATA: u16 = 22;
@@ -79,8 +82,19 @@ pub struct Hello {
 pub enum AckKind {
     /// The peer has the data in memory (protocol B).
     Received,
-    /// The peer's disk has the data (protocol C).
+    /// The peer's disk has the data (protocol C), or whatever else the
+    /// frame asked for is done.
     Written,
+}
+
+/// The answer to one sequenced frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckEntry {
+    /// The sequence number of the frame answered.
+    pub seq: u64,
+    pub kind: AckKind,
+    /// 0 on success, else the peer's error for that frame.
+    pub errno: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,17 +113,15 @@ pub enum Message {
         flags: u32,
         data: Vec<u8>,
     },
-    /// `errno` is 0 on success, else the peer's error for that write.
+    /// Answers to earlier frames (1 to `ACK_ENTRIES_MAX`), in the order
+    /// they were given: a receiver that finishes many writes at once
+    /// answers them in one frame.
     Ack {
-        seq: u64,
-        kind: AckKind,
-        errno: u32,
+        entries: Vec<AckEntry>,
     },
-    /// Closes epoch `epoch`: every write before it precedes every write after.
+    /// Closes epoch `epoch`: every write before it precedes every write
+    /// after. Its answer is an `Ack` once the peer's disk is flushed.
     Barrier {
-        epoch: u64,
-    },
-    BarrierAck {
         epoch: u64,
     },
     /// A slice of the sender's dirty bitmap, starting at bit `first_bit`
@@ -221,7 +233,6 @@ impl Message {
             Message::Write { .. } => kind::WRITE,
             Message::Ack { .. } => kind::ACK,
             Message::Barrier { .. } => kind::BARRIER,
-            Message::BarrierAck { .. } => kind::BARRIER_ACK,
             Message::Bitmap { .. } => kind::BITMAP,
             Message::ResyncRequest { .. } => kind::RESYNC_REQUEST,
             Message::ResyncData { .. } => kind::RESYNC_DATA,
@@ -270,17 +281,17 @@ impl Message {
                 flags,
                 data,
             } => encode_write_payload_into(w, *offset, *flags, data),
-            Message::Ack { seq, kind, errno } => {
-                w.extend_from_slice(&seq.to_le_bytes());
-                w.push(match kind {
-                    AckKind::Received => 0,
-                    AckKind::Written => 1,
-                });
-                w.extend_from_slice(&errno.to_le_bytes());
+            Message::Ack { entries } => {
+                for entry in entries {
+                    w.extend_from_slice(&entry.seq.to_le_bytes());
+                    w.push(match entry.kind {
+                        AckKind::Received => 0,
+                        AckKind::Written => 1,
+                    });
+                    w.extend_from_slice(&entry.errno.to_le_bytes());
+                }
             }
-            Message::Barrier { epoch } | Message::BarrierAck { epoch } => {
-                w.extend_from_slice(&epoch.to_le_bytes())
-            }
+            Message::Barrier { epoch } => w.extend_from_slice(&epoch.to_le_bytes()),
             Message::Bitmap {
                 first_bit,
                 total_bits,
@@ -400,17 +411,30 @@ impl Message {
                 flags: r.u32()?,
                 data: r.rest(),
             },
-            kind::ACK => Message::Ack {
-                seq: r.u64()?,
-                kind: match r.u8()? {
-                    0 => AckKind::Received,
-                    1 => AckKind::Written,
-                    _ => return Err(r.invalid("unknown ack kind")),
-                },
-                errno: r.u32()?,
-            },
+            kind::ACK => {
+                // Counted before anything is allocated for them.
+                let count = r.buf.len() / ACK_ENTRY_BYTES;
+                if count == 0 {
+                    return Err(r.invalid("no answers"));
+                }
+                if count > ACK_ENTRIES_MAX {
+                    return Err(r.invalid("too many answers"));
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(AckEntry {
+                        seq: r.u64()?,
+                        kind: match r.u8()? {
+                            0 => AckKind::Received,
+                            1 => AckKind::Written,
+                            _ => return Err(r.invalid("unknown ack kind")),
+                        },
+                        errno: r.u32()?,
+                    });
+                }
+                Message::Ack { entries }
+            }
             kind::BARRIER => Message::Barrier { epoch: r.u64()? },
-            kind::BARRIER_ACK => Message::BarrierAck { epoch: r.u64()? },
             kind::BITMAP => {
                 let first_bit = r.u64()?;
                 let total_bits = r.u64()?;
@@ -603,19 +627,22 @@ mod tests {
                     data,
                 }
             }),
-            (any::<u64>(), any::<bool>(), any::<u32>()).prop_map(|(seq, written, errno)| {
-                Message::Ack {
-                    seq,
-                    kind: if written {
-                        AckKind::Written
-                    } else {
-                        AckKind::Received
-                    },
-                    errno,
-                }
-            }),
+            proptest::collection::vec(
+                (any::<u64>(), any::<bool>(), any::<u32>()).prop_map(|(seq, written, errno)| {
+                    AckEntry {
+                        seq,
+                        kind: if written {
+                            AckKind::Written
+                        } else {
+                            AckKind::Received
+                        },
+                        errno,
+                    }
+                }),
+                1..40
+            )
+            .prop_map(|entries| Message::Ack { entries }),
             any::<u64>().prop_map(|epoch| Message::Barrier { epoch }),
-            any::<u64>().prop_map(|epoch| Message::BarrierAck { epoch }),
             (0u64..1 << 40, bytes()).prop_map(|(first_byte, bits)| Message::Bitmap {
                 first_bit: first_byte * 8,
                 total_bits: first_byte * 8 + bits.len() as u64 * 8,
@@ -727,6 +754,27 @@ mod tests {
     fn bitmap_runs_read_bits_least_significant_first() {
         let runs: Vec<_> = bitmap_runs(&[0b0000_0110, 0, 0b1000_0000, 0b0000_0001]).collect();
         assert_eq!(runs, vec![(1, 2), (23, 2)]);
+    }
+
+    #[test]
+    fn ack_holds_one_to_the_most_answers() {
+        let ack = |count: usize| Message::Ack {
+            entries: (0..count as u64)
+                .map(|seq| AckEntry {
+                    seq,
+                    kind: AckKind::Written,
+                    errno: 0,
+                })
+                .collect(),
+        };
+        let decode = |payload: &[u8]| Message::decode_payload(kind::ACK, payload);
+        assert!(decode(&[]).is_err(), "an Ack answers something");
+        let most = ack(ACK_ENTRIES_MAX);
+        assert_eq!(decode(&most.encode_payload()), Ok(most));
+        assert!(decode(&ack(ACK_ENTRIES_MAX + 1).encode_payload()).is_err());
+        let mut bad_kind = ack(2).encode_payload();
+        bad_kind[ACK_ENTRY_BYTES + 8] = 2;
+        assert!(decode(&bad_kind).is_err());
     }
 
     #[test]

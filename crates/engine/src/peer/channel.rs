@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blkmirror_config::LINKS_MAX;
-use blkmirror_proto::{AckKind, Message};
+use blkmirror_proto::message::ACK_ENTRIES_MAX;
+use blkmirror_proto::{AckEntry, AckKind, Message};
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -50,6 +51,23 @@ struct Waiter {
     received: Option<oneshot::Sender<()>>,
     /// Told the peer's final answer.
     written: oneshot::Sender<Answer>,
+}
+
+impl Waiter {
+    fn finish(self, errno: u32, data: Vec<u8>) {
+        if let Some(tx) = self.received {
+            let _ = tx.send(());
+        }
+        let _ = self.written.send(Answer { errno, data });
+    }
+}
+
+/// This side's answers to the peer, waiting to go out together.
+#[derive(Default)]
+struct OutgoingAcks {
+    entries: Vec<AckEntry>,
+    /// A task is sending them: the next answers join its next `Ack`.
+    sending: bool,
 }
 
 /// The peer's final answer to a frame.
@@ -115,6 +133,7 @@ pub struct Channel {
     send: Mutex<SendState>,
     window: Arc<Semaphore>,
     pending: Mutex<HashMap<u64, Waiter>>,
+    acks: Mutex<OutgoingAcks>,
     incoming: mpsc::UnboundedSender<(u64, Message)>,
     /// Highest sequence number taken in order, and the last one confirmed
     /// on each link (every link confirms, so a link that died unnoticed
@@ -153,6 +172,7 @@ impl Channel {
             }),
             window: Arc::new(Semaphore::new(WINDOW_UNITS)),
             pending: Mutex::new(HashMap::new()),
+            acks: Mutex::default(),
             incoming,
             taken: AtomicU64::new(0),
             confirmed: Default::default(),
@@ -262,24 +282,59 @@ impl Channel {
         Ok(reply)
     }
 
-    /// Answers the peer's frame `seq` (errno 0 for success). A lost channel
-    /// needs no answer: the peer resends or resyncs what it did not hear of.
-    pub async fn acknowledge(&self, seq: u64, kind: AckKind, errno: u32) {
-        let _ = self.send(&Message::Ack { seq, kind, errno }).await;
+    /// Answers the peer's frame `seq` (errno 0 for success). Answers given
+    /// together, such as writes that finish in one batch of completions,
+    /// travel in one `Ack`: the task that sends them is queued behind the
+    /// tasks already woken. A lost channel needs no answer: the peer
+    /// resends or resyncs what it did not hear of.
+    pub fn acknowledge(self: &Arc<Self>, seq: u64, kind: AckKind, errno: u32) {
+        let mut acks = self.acks.lock().unwrap();
+        acks.entries.push(AckEntry { seq, kind, errno });
+        if !acks.sending {
+            acks.sending = true;
+            tokio::spawn(self.clone().send_acks());
+        }
     }
 
-    /// Routes the peer's answer to frame `seq` to its waiter.
-    pub fn answer(&self, seq: u64, kind: AckKind, errno: u32) {
-        let mut pending = self.pending.lock().unwrap();
-        match kind {
-            AckKind::Received => {
-                if let Some(tx) = pending.get_mut(&seq).and_then(|w| w.received.take()) {
-                    let _ = tx.send(());
+    /// Sends the waiting answers, in the order given, until none are left.
+    async fn send_acks(self: Arc<Self>) {
+        loop {
+            let entries = {
+                let mut acks = self.acks.lock().unwrap();
+                if acks.entries.is_empty() {
+                    acks.sending = false;
+                    return;
                 }
+                if acks.entries.len() <= ACK_ENTRIES_MAX {
+                    std::mem::take(&mut acks.entries)
+                } else {
+                    acks.entries.drain(..ACK_ENTRIES_MAX).collect()
+                }
+            };
+            if self.send(&Message::Ack { entries }).await.is_err() {
+                let mut acks = self.acks.lock().unwrap();
+                acks.entries.clear();
+                acks.sending = false;
+                return;
             }
-            AckKind::Written => {
-                drop(pending);
-                self.answer_with_data(seq, errno, Vec::new());
+        }
+    }
+
+    /// Routes the peer's answers to their waiters.
+    pub fn answer(&self, entries: &[AckEntry]) {
+        let mut pending = self.pending.lock().unwrap();
+        for entry in entries {
+            match entry.kind {
+                AckKind::Received => {
+                    if let Some(tx) = pending.get_mut(&entry.seq).and_then(|w| w.received.take()) {
+                        let _ = tx.send(());
+                    }
+                }
+                AckKind::Written => {
+                    if let Some(waiter) = pending.remove(&entry.seq) {
+                        waiter.finish(entry.errno, Vec::new());
+                    }
+                }
             }
         }
     }
@@ -287,10 +342,7 @@ impl Channel {
     /// Routes the peer's final answer to frame `seq`, with data (a `Read`'s).
     pub fn answer_with_data(&self, seq: u64, errno: u32, data: Vec<u8>) {
         if let Some(waiter) = self.pending.lock().unwrap().remove(&seq) {
-            if let Some(tx) = waiter.received {
-                let _ = tx.send(());
-            }
-            let _ = waiter.written.send(Answer { errno, data });
+            waiter.finish(errno, data);
         }
     }
 
@@ -726,19 +778,13 @@ mod tests {
         let ((a, _a_inbox), (b, mut b_inbox)) = pair(1).await;
         let reply = a.enqueue(&write(1)).await.unwrap();
         let (seq, _) = b_inbox.next().await.unwrap();
-        b.send(&Message::Ack {
-            seq,
-            kind: AckKind::Written,
-            errno: 0,
-        })
-        .await
-        .unwrap();
+        b.acknowledge(seq, AckKind::Written, 0);
         let mut a_inbox = _a_inbox;
         let (_, ack) = a_inbox.next().await.unwrap();
-        let Message::Ack { seq, kind, errno } = ack else {
+        let Message::Ack { entries } = ack else {
             panic!("expected an Ack, got {ack:?}");
         };
-        a.answer(seq, kind, errno);
+        a.answer(&entries);
         assert_eq!(reply.written().await.unwrap(), 0);
         let pending = a.enqueue(&write(2)).await.unwrap();
         a.close("test");
@@ -747,5 +793,52 @@ mod tests {
             "a closed channel fails its waiters"
         );
         assert!(a.send(&write(3)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn answers_given_together_travel_together_in_order() {
+        let ((_a, mut a_inbox), (b, _b_inbox)) = pair(1).await;
+        let total = 2 * ACK_ENTRIES_MAX as u64 + 100;
+        let given: Vec<AckEntry> = (1..=total)
+            .map(|seq| AckEntry {
+                seq,
+                kind: if seq % 3 == 0 {
+                    AckKind::Received
+                } else {
+                    AckKind::Written
+                },
+                errno: (seq % 7) as u32,
+            })
+            .collect();
+        for entry in &given {
+            b.acknowledge(entry.seq, entry.kind, entry.errno);
+        }
+        let mut arrived = Vec::new();
+        let mut frames = 0;
+        while arrived.len() < given.len() {
+            let (_, message) = tokio::time::timeout(Duration::from_secs(10), a_inbox.next())
+                .await
+                .expect("answers in time")
+                .unwrap();
+            let Message::Ack { entries } = message else {
+                panic!("expected an Ack, got {message:?}");
+            };
+            frames += 1;
+            arrived.extend(entries);
+        }
+        assert_eq!(arrived, given);
+        assert_eq!(frames, 3, "as few frames as the largest Ack allows");
+
+        // Once the channel is lost, answers are dropped, not kept.
+        b.close("test");
+        b.acknowledge(1, AckKind::Written, 0);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while b.acks.lock().unwrap().sending {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the sender gives up");
+        assert!(b.acks.lock().unwrap().entries.is_empty());
     }
 }

@@ -1082,7 +1082,7 @@ impl Manager {
                     data,
                 } => {
                     if flags & WRITE_FLAG_ACK_RECEIVED != 0 {
-                        link.acknowledge(seq, AckKind::Received, 0).await;
+                        link.acknowledge(seq, AckKind::Received, 0);
                     }
                     self.apply(link, &applying, seq, offset, data, flags)
                         .await?
@@ -1101,10 +1101,10 @@ impl Manager {
                             Ok(_) => CHECKSUM_DIFFERS,
                             Err(e) => e.errno() as u32,
                         };
-                        link.acknowledge(seq, AckKind::Written, answer).await;
+                        link.acknowledge(seq, AckKind::Written, answer);
                     });
                 }
-                Message::Ack { seq, kind, errno } => link.answer(seq, kind, errno),
+                Message::Ack { entries } => link.answer(&entries),
                 Message::Barrier { .. } => {
                     // Every write before the barrier is on disk before the
                     // flush starts (with protocols A and B the primary does
@@ -1123,7 +1123,7 @@ impl Manager {
                             Ok(()) => 0,
                             Err(e) => e.errno() as u32,
                         };
-                        link.acknowledge(seq, AckKind::Written, errno).await;
+                        link.acknowledge(seq, AckKind::Written, errno);
                     });
                 }
                 Message::State {
@@ -1213,7 +1213,7 @@ impl Manager {
                     e.errno() as u32
                 }
             };
-            link.acknowledge(seq, AckKind::Written, errno).await;
+            link.acknowledge(seq, AckKind::Written, errno);
         });
         Ok(())
     }
