@@ -156,9 +156,10 @@ impl ChangeTracker {
         self.clear(0, self.layout.data_size);
     }
 
-    /// The out-of-sync ranges now, as `(offset, len)`.
-    pub fn runs(&self) -> Vec<(u64, u64)> {
-        self.bitmap.lock().unwrap().runs().collect()
+    /// The first out-of-sync range that ends after byte `from`, as
+    /// `(offset, len)`.
+    pub fn run_from(&self, from: u64) -> Option<(u64, u64)> {
+        self.bitmap.lock().unwrap().run_from(from)
     }
 
     /// Pages of the bitmap, for `page_bits`.

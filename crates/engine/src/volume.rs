@@ -964,8 +964,9 @@ impl Volume {
         self.tracker.out_of_sync_bytes()
     }
 
-    pub fn dirty_runs(&self) -> Vec<(u64, u64)> {
-        self.tracker.runs()
+    /// The first out-of-sync range that ends after byte `from`.
+    pub fn dirty_run_from(&self, from: u64) -> Option<(u64, u64)> {
+        self.tracker.run_from(from)
     }
 
     /// Pages of the dirty bitmap, for `dirty_page_bits`.

@@ -181,13 +181,22 @@ impl DirtyBitmap {
 
     /// Dirty regions as `(offset, len)` byte ranges, adjacent granules merged.
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        let mut granule = 0u64;
+        let mut from = 0u64;
         std::iter::from_fn(move || {
-            let start = self.next_dirty(granule)?;
-            let end = self.next_clean(start);
-            granule = end;
-            Some((start * self.granularity, (end - start) * self.granularity))
+            let (offset, len) = self.run_from(from)?;
+            from = offset + len;
+            Some((offset, len))
         })
+    }
+
+    /// The first dirty region that ends after byte `from`, as `(offset,
+    /// len)` (from the start of `from`'s granule if that is dirty), so a
+    /// caller can walk the runs without holding the bitmap or collecting
+    /// them all.
+    pub fn run_from(&self, from: u64) -> Option<(u64, u64)> {
+        let start = self.next_dirty(from / self.granularity)?;
+        let end = self.next_clean(start);
+        Some((start * self.granularity, (end - start) * self.granularity))
     }
 
     /// Pages of bits, as `page_bits` counts them.
@@ -456,6 +465,20 @@ mod tests {
         b.mark(10 * G, G);
         let runs: Vec<_> = b.runs().collect();
         assert_eq!(runs, vec![(10 * G, G), (page_bytes - 2 * G, 4 * G)]);
+    }
+
+    #[test]
+    fn run_from_finds_the_run_holding_or_after_an_offset() {
+        let mut b = DirtyBitmap::new(2 << 30, GRANULARITY_DEFAULT_BYTES);
+        let page_bytes = BITS_PER_BITMAP_PAGE * G;
+        b.mark(10 * G, 3 * G);
+        b.mark(page_bytes + 5 * G, G);
+        assert_eq!(b.run_from(0), Some((10 * G, 3 * G)));
+        // From inside a run: from the start of its granule on.
+        assert_eq!(b.run_from(11 * G + 100), Some((11 * G, 2 * G)));
+        assert_eq!(b.run_from(13 * G), Some((page_bytes + 5 * G, G)));
+        assert_eq!(b.run_from(page_bytes + 6 * G), None);
+        assert_eq!(b.run_from(4 << 30), None, "beyond the data");
     }
 
     #[test]

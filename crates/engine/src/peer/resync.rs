@@ -377,14 +377,16 @@ pub async fn resync_source(
     let odds = checksum_first.then(|| Arc::new(ChecksumOdds::new()));
     let mut acks = tokio::task::JoinSet::new();
     let result: Result<(), String> = async {
-        // Rounds until nothing is left: a write that raced the start of the
-        // resync (marked after the first snapshot) is picked up next round.
+        // Rounds until nothing is left: a range marked behind the walk
+        // (a write that raced the resync) is picked up next round. The walk
+        // reads the bitmap a run at a time: millions of scattered runs cost
+        // no list of them.
         loop {
-            let runs = volume.dirty_runs();
-            if runs.is_empty() {
-                break;
-            }
-            for (offset, len) in runs {
+            let mut from = 0;
+            let mut found = false;
+            while let Some((offset, len)) = volume.dirty_run_from(from) {
+                from = offset + len;
+                found = true;
                 for (chunk_offset, chunk_len) in chunks(offset, len) {
                     while acks.len() >= pace.window(&volume) {
                         acks.join_next()
@@ -411,6 +413,9 @@ pub async fn resync_source(
             }
             while let Some(joined) = acks.join_next().await {
                 joined.map_err(|e| e.to_string())??;
+            }
+            if !found {
+                break;
             }
         }
         let current = volume
