@@ -359,8 +359,8 @@ impl Message {
     pub fn data_offset(kind: u16) -> Option<usize> {
         match kind {
             kind::WRITE => Some(WRITE_FIXED_BYTES),
-            kind::RESYNC_DATA => Some(8),
-            kind::READ_REPLY => Some(12),
+            kind::RESYNC_DATA => Some(RESYNC_DATA_FIXED_BYTES),
+            kind::READ_REPLY => Some(READ_REPLY_FIXED_BYTES),
             _ => None,
         }
     }
@@ -498,6 +498,10 @@ impl Message {
 
 /// A `Write` payload's bytes before its data: offset and flags.
 pub const WRITE_FIXED_BYTES: usize = 12;
+/// A `ResyncData` payload's bytes before its data: offset.
+const RESYNC_DATA_FIXED_BYTES: usize = 8;
+/// A `ReadReply` payload's bytes before its data: sequence number and errno.
+const READ_REPLY_FIXED_BYTES: usize = 12;
 
 /// Appends a `Write` payload to `w`.
 pub fn encode_write_payload_into(w: &mut Vec<u8>, offset: u64, flags: u32, data: &[u8]) {
