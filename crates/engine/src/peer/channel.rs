@@ -19,7 +19,7 @@ use blkmirror_proto::{AckEntry, AckKind, Message};
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{AbortOnDrop, FrameReader, PeerError};
 
@@ -40,6 +40,9 @@ const REORDER_FRAMES_MAX: usize = 1 << 17;
 const WRITE_BATCH_FRAMES: usize = 64;
 /// How often the receiver confirms what it has taken.
 const RECEIVED_INTERVAL: Duration = Duration::from_millis(5);
+/// Answers waiting for a frame, at most: beyond this, whoever answers
+/// waits, so a stalled window holds back the writes being answered.
+const ACKS_QUEUED_MAX: usize = 4 * ACK_ENTRIES_MAX;
 
 /// The peer did not confirm: the channel went away first.
 #[derive(Debug)]
@@ -134,6 +137,8 @@ pub struct Channel {
     window: Arc<Semaphore>,
     pending: Mutex<HashMap<u64, Waiter>>,
     acks: Mutex<OutgoingAcks>,
+    /// Told when answers leave the queue (or are dropped).
+    acks_taken: Notify,
     incoming: mpsc::UnboundedSender<(u64, Message)>,
     /// Highest sequence number taken in order, and the last one confirmed
     /// on each link (every link confirms, so a link that died unnoticed
@@ -173,6 +178,7 @@ impl Channel {
             window: Arc::new(Semaphore::new(WINDOW_UNITS)),
             pending: Mutex::new(HashMap::new()),
             acks: Mutex::default(),
+            acks_taken: Notify::new(),
             incoming,
             taken: AtomicU64::new(0),
             confirmed: Default::default(),
@@ -285,14 +291,25 @@ impl Channel {
     /// Answers the peer's frame `seq` (errno 0 for success). Answers given
     /// together, such as writes that finish in one batch of completions,
     /// travel in one `Ack`: the task that sends them is queued behind the
-    /// tasks already woken. A lost channel needs no answer: the peer
-    /// resends or resyncs what it did not hear of.
-    pub fn acknowledge(self: &Arc<Self>, seq: u64, kind: AckKind, errno: u32) {
-        let mut acks = self.acks.lock().unwrap();
-        acks.entries.push(AckEntry { seq, kind, errno });
-        if !acks.sending {
-            acks.sending = true;
-            tokio::spawn(self.clone().send_acks());
+    /// tasks already woken. Waits only while `ACKS_QUEUED_MAX` answers are
+    /// queued. A lost channel needs no answer: the peer resends or resyncs
+    /// what it did not hear of.
+    pub async fn acknowledge(self: &Arc<Self>, seq: u64, kind: AckKind, errno: u32) {
+        loop {
+            // Created before the check, so no wake-up falls in between.
+            let taken = self.acks_taken.notified();
+            {
+                let mut acks = self.acks.lock().unwrap();
+                if acks.entries.len() < ACKS_QUEUED_MAX {
+                    acks.entries.push(AckEntry { seq, kind, errno });
+                    if !acks.sending {
+                        acks.sending = true;
+                        tokio::spawn(self.clone().send_acks());
+                    }
+                    return;
+                }
+            }
+            taken.await;
         }
     }
 
@@ -311,10 +328,13 @@ impl Channel {
                     acks.entries.drain(..ACK_ENTRIES_MAX).collect()
                 }
             };
+            self.acks_taken.notify_waiters();
             if self.send(&Message::Ack { entries }).await.is_err() {
                 let mut acks = self.acks.lock().unwrap();
                 acks.entries.clear();
                 acks.sending = false;
+                drop(acks);
+                self.acks_taken.notify_waiters();
                 return;
             }
         }
@@ -672,6 +692,7 @@ fn queue_on(links: &[Option<LinkSlot>; LINKS_MAX], index: usize, frame: Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
     use tokio::io::BufReader;
     use tokio::net::{TcpListener, TcpStream};
 
@@ -778,7 +799,7 @@ mod tests {
         let ((a, _a_inbox), (b, mut b_inbox)) = pair(1).await;
         let reply = a.enqueue(&write(1)).await.unwrap();
         let (seq, _) = b_inbox.next().await.unwrap();
-        b.acknowledge(seq, AckKind::Written, 0);
+        b.acknowledge(seq, AckKind::Written, 0).await;
         let mut a_inbox = _a_inbox;
         let (_, ack) = a_inbox.next().await.unwrap();
         let Message::Ack { entries } = ack else {
@@ -811,7 +832,7 @@ mod tests {
             })
             .collect();
         for entry in &given {
-            b.acknowledge(entry.seq, entry.kind, entry.errno);
+            b.acknowledge(entry.seq, entry.kind, entry.errno).await;
         }
         let mut arrived = Vec::new();
         let mut frames = 0;
@@ -831,7 +852,7 @@ mod tests {
 
         // Once the channel is lost, answers are dropped, not kept.
         b.close("test");
-        b.acknowledge(1, AckKind::Written, 0);
+        b.acknowledge(1, AckKind::Written, 0).await;
         tokio::time::timeout(Duration::from_secs(10), async {
             while b.acks.lock().unwrap().sending {
                 tokio::task::yield_now().await;
@@ -840,5 +861,77 @@ mod tests {
         .await
         .expect("the sender gives up");
         assert!(b.acks.lock().unwrap().entries.is_empty());
+    }
+
+    /// Receives Acks until `count` answers have come: their sequence
+    /// numbers, and how many frames brought them.
+    async fn answers(inbox: &mut Inbox, count: usize) -> (Vec<u64>, usize) {
+        let (mut seqs, mut frames) = (Vec::new(), 0);
+        while seqs.len() < count {
+            let (_, message) = tokio::time::timeout(Duration::from_secs(10), inbox.next())
+                .await
+                .expect("answers in time")
+                .unwrap();
+            let Message::Ack { entries } = message else {
+                panic!("expected an Ack, got {message:?}");
+            };
+            frames += 1;
+            seqs.extend(entries.iter().map(|e| e.seq));
+        }
+        (seqs, frames)
+    }
+
+    #[tokio::test]
+    async fn answers_given_while_a_send_waits_join_the_next_ack() {
+        let ((_a, mut a_inbox), (b, _b_inbox)) = pair(1).await;
+        // A full window: the first Ack cannot go yet.
+        let window = b
+            .window
+            .clone()
+            .acquire_many_owned(WINDOW_UNITS as u32)
+            .await
+            .unwrap();
+        b.acknowledge(1, AckKind::Written, 0).await;
+        tokio::task::yield_now().await;
+        assert!(b.acks.lock().unwrap().entries.is_empty(), "1 is being sent");
+        for seq in 2..=10 {
+            b.acknowledge(seq, AckKind::Written, 0).await;
+        }
+        tokio::task::yield_now().await;
+        b.acknowledge(11, AckKind::Written, 0).await;
+        drop(window);
+        let (seqs, frames) = answers(&mut a_inbox, 11).await;
+        assert_eq!(seqs, (1..=11).collect::<Vec<_>>());
+        assert_eq!(frames, 2, "one sender: 2 to 11 went together");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_of_answers_makes_the_next_one_wait() {
+        let ((_a, mut a_inbox), (b, _b_inbox)) = pair(1).await;
+        let window = b
+            .window
+            .clone()
+            .acquire_many_owned(WINDOW_UNITS as u32)
+            .await
+            .unwrap();
+        let last = ACKS_QUEUED_MAX as u64 + 2;
+        // 1 is taken for sending (and waits for the window); the queue fills.
+        b.acknowledge(1, AckKind::Written, 0).await;
+        tokio::task::yield_now().await;
+        for seq in 2..last {
+            b.acknowledge(seq, AckKind::Written, 0).await;
+        }
+        let blocked = b.acknowledge(last, AckKind::Written, 0);
+        tokio::pin!(blocked);
+        assert!(
+            blocked.as_mut().now_or_never().is_none(),
+            "no room: the answer waits"
+        );
+        drop(window);
+        tokio::time::timeout(Duration::from_secs(10), blocked)
+            .await
+            .expect("room once the window opens");
+        let (seqs, _) = answers(&mut a_inbox, last as usize).await;
+        assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
     }
 }

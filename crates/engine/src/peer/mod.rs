@@ -1082,7 +1082,7 @@ impl Manager {
                     data,
                 } => {
                     if flags & WRITE_FLAG_ACK_RECEIVED != 0 {
-                        link.acknowledge(seq, AckKind::Received, 0);
+                        link.acknowledge(seq, AckKind::Received, 0).await;
                     }
                     self.apply(link, &applying, seq, offset, data, flags)
                         .await?
@@ -1101,7 +1101,7 @@ impl Manager {
                             Ok(_) => CHECKSUM_DIFFERS,
                             Err(e) => e.errno() as u32,
                         };
-                        link.acknowledge(seq, AckKind::Written, answer);
+                        link.acknowledge(seq, AckKind::Written, answer).await;
                     });
                 }
                 Message::Ack { entries } => link.answer(&entries),
@@ -1123,7 +1123,7 @@ impl Manager {
                             Ok(()) => 0,
                             Err(e) => e.errno() as u32,
                         };
-                        link.acknowledge(seq, AckKind::Written, errno);
+                        link.acknowledge(seq, AckKind::Written, errno).await;
                     });
                 }
                 Message::State {
@@ -1213,7 +1213,7 @@ impl Manager {
                     e.errno() as u32
                 }
             };
-            link.acknowledge(seq, AckKind::Written, errno);
+            link.acknowledge(seq, AckKind::Written, errno).await;
         });
         Ok(())
     }
