@@ -35,8 +35,8 @@ fn kernel_nbd() {
     scenario("kernel-nbd");
 }
 
-/// ublk end to end: the primary's /dev/ublkb0 carries ext4, a mounted
-/// device blocks demotion, the secondary has no device until promoted
+/// ublk end to end: the primary's /dev/ublkb0 carries ext4, a device
+/// open in another process or mounted blocks demotion, the secondary has no device until promoted
 /// after the primary is killed; fsck clean, every file intact, and
 /// demotion removes the device.
 #[test]

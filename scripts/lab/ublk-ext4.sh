@@ -1,6 +1,6 @@
 # ublk-ext4: the primary serves /dev/ublkb0 and carries ext4; the secondary
-# has no device. The primary refuses to demote under the mounted file
-# system, then is killed; the secondary is promoted, serves /dev/ublkb1,
+# has no device. The primary refuses to demote while a process holds the
+# device open and under the mounted file system, then is killed; the secondary is promoted, serves /dev/ublkb1,
 # and its copy passes fsck with every file intact. Demoting it removes the
 # device.
 . "$(dirname "$0")/common.sh"
@@ -36,6 +36,17 @@ dd if="$dir/zeroes" of="$dir/expected" bs=1M seek=1 conv=notrunc status=none
 dd if="$dir/zeroes" of="$dir/expected" bs=1M seek=3 conv=notrunc status=none
 cmp "$dir/readback" "$dir/expected"
 echo "queue attributes, FUA writes, WRITE_ZEROES and DISCARD as expected"
+# Any process with the device open blocks demotion, not only a mount,
+# and the refusal names it.
+sleep 600 < /dev/ublkb0 &
+holder=$!
+if bm alpha secondary 2>"$dir/refusal"; then
+    echo "alpha demoted under an open device"; exit 1
+fi
+grep -q "open by pid $holder " "$dir/refusal" || { cat "$dir/refusal"; exit 1; }
+echo "demotion refused while open: $(cat "$dir/refusal")"
+kill "$holder"
+wait "$holder" 2>/dev/null || true
 mkfs.ext4 -q /dev/ublkb0
 mkdir -p /mnt/a /mnt/b
 mount /dev/ublkb0 /mnt/a

@@ -1,7 +1,7 @@
 //! A ublk device's life: create it (or take over one a dead daemon left
 //! quiesced), serve it from queue threads, and remove it.
 
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use libublk::{sys, UblkError, UblkFlags};
 
 use crate::queue::{self, QueueContext};
 use crate::request::ZERO_MAX_BYTES;
-use crate::{block_device_path, check_driver, Backend, Error, Settings};
+use crate::{block_device_path, check_driver, holders, Backend, Error, Settings};
 
 /// Each tag's data buffer: the largest request the kernel sends us.
 const IO_BUF_BYTES: u32 = 512 << 10;
@@ -196,18 +196,30 @@ impl Export {
     }
 
     /// Removes the device unless something holds it: a mounted file
-    /// system, or an exclusive opener (plain opens are not seen). The
-    /// check holds the device exclusively until it is gone, so nothing can
-    /// mount it in between. Refused, the export comes back. Blocking.
+    /// system, an exclusive opener, or any process with it open. The check
+    /// holds the device exclusively until it is gone, so nothing can mount
+    /// it in between (a plain open in that moment still can). Refused, the
+    /// export comes back. Blocking.
     pub fn remove_unless_in_use(self) -> Result<(), (Box<Export>, Error)> {
         let claim = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_EXCL)
             .open(self.path());
+        let open_by = claim
+            .as_ref()
+            .ok()
+            .and_then(|file| file.metadata().ok())
+            .map(|m| holders::holders(m.rdev()))
+            .unwrap_or_default();
         match claim {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 let path = self.path();
                 Err((Box::new(self), Error::InUse(path)))
+            }
+            Ok(_) if !open_by.is_empty() => {
+                let path = self.path();
+                let holders = holders::describe(&open_by);
+                Err((Box::new(self), Error::OpenBy { path, holders }))
             }
             claim => {
                 if let Err(e) = self.remove(claim.ok()) {

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod device;
+mod holders;
 mod queue;
 mod request;
 
@@ -91,6 +92,8 @@ pub enum Error {
     },
     #[error("{} is in use (mounted, or held open exclusively): unmount it first", .0.display())]
     InUse(PathBuf),
+    #[error("{} is open by {holders}: close it first", .path.display())]
+    OpenBy { path: PathBuf, holders: String },
     #[error("entering a mount namespace of our own failed: {0}")]
     MountNamespace(nix::Error),
 }

@@ -1,0 +1,131 @@
+//! Which processes hold a block device open. The kernel counts a block
+//! device's openers but does not say who they are, so this looks through
+//! every process's open files, as `fuser` does.
+
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+/// A process with the device open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// Its command name, as `ps` shows it.
+    pub command: String,
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pid {} ({})", self.pid, self.command)
+    }
+}
+
+/// The processes other than this one that hold block device `rdev` open
+/// through a node under /dev, by pid. Only files whose path is under /dev
+/// are examined, so a hung FUSE server elsewhere cannot stall the search.
+/// A process that ends while we look is skipped.
+pub fn holders(rdev: u64) -> Vec<Holder> {
+    let me = std::process::id();
+    let Ok(processes) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<Holder> = processes
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            (pid != me && holds(&entry.path(), rdev)).then(|| Holder {
+                pid,
+                command: fs::read_to_string(entry.path().join("comm"))
+                    .map(|c| c.trim_end().to_string())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    found.sort_by_key(|h| h.pid);
+    found
+}
+
+/// Whether the process at `/proc/PID` has block device `rdev` open.
+fn holds(process: &Path, rdev: u64) -> bool {
+    let Ok(fds) = fs::read_dir(process.join("fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path()).is_ok_and(|target| target.starts_with("/dev"))
+            && fs::metadata(fd.path())
+                .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == rdev)
+    })
+}
+
+/// "pid 1 (a), pid 2 (b)".
+pub fn describe(holders: &[Holder]) -> String {
+    holders
+        .iter()
+        .map(Holder::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    /// A loop device over a small file, detached on drop.
+    struct LoopDevice(String);
+
+    impl LoopDevice {
+        fn new(backing: &Path) -> Option<LoopDevice> {
+            let out = Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(backing)
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| LoopDevice(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+        }
+    }
+
+    impl Drop for LoopDevice {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+
+    #[test]
+    fn a_process_holding_a_block_device_is_found_and_this_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("disk");
+        fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+        let Some(device) = LoopDevice::new(&backing) else {
+            eprintln!("skipped: no loop device to attach here (needs root and loop)");
+            return;
+        };
+        let rdev = fs::metadata(&device.0).unwrap().rdev();
+        let ours = fs::File::open(&device.0).unwrap();
+        assert!(holders(rdev).is_empty(), "this process is left out");
+
+        let mut holder = Command::new("sleep")
+            .arg("30")
+            .stdin(fs::File::open(&device.0).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let found = holders(rdev);
+        assert_eq!(
+            found,
+            vec![Holder {
+                pid: holder.id(),
+                command: "sleep".into()
+            }]
+        );
+        assert_eq!(describe(&found), format!("pid {} (sleep)", holder.id()));
+
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        assert!(holders(rdev).is_empty(), "gone with its process");
+        drop(ours);
+    }
+}
