@@ -834,19 +834,7 @@ mod tests {
         for entry in &given {
             b.acknowledge(entry.seq, entry.kind, entry.errno).await;
         }
-        let mut arrived = Vec::new();
-        let mut frames = 0;
-        while arrived.len() < given.len() {
-            let (_, message) = tokio::time::timeout(Duration::from_secs(10), a_inbox.next())
-                .await
-                .expect("answers in time")
-                .unwrap();
-            let Message::Ack { entries } = message else {
-                panic!("expected an Ack, got {message:?}");
-            };
-            frames += 1;
-            arrived.extend(entries);
-        }
+        let (arrived, frames) = answers(&mut a_inbox, given.len()).await;
         assert_eq!(arrived, given);
         assert_eq!(frames, 3, "as few frames as the largest Ack allows");
 
@@ -863,11 +851,11 @@ mod tests {
         assert!(b.acks.lock().unwrap().entries.is_empty());
     }
 
-    /// Receives Acks until `count` answers have come: their sequence
-    /// numbers, and how many frames brought them.
-    async fn answers(inbox: &mut Inbox, count: usize) -> (Vec<u64>, usize) {
-        let (mut seqs, mut frames) = (Vec::new(), 0);
-        while seqs.len() < count {
+    /// Receives Acks until `count` answers have come: the answers, and how
+    /// many frames brought them.
+    async fn answers(inbox: &mut Inbox, count: usize) -> (Vec<AckEntry>, usize) {
+        let (mut arrived, mut frames) = (Vec::new(), 0);
+        while arrived.len() < count {
             let (_, message) = tokio::time::timeout(Duration::from_secs(10), inbox.next())
                 .await
                 .expect("answers in time")
@@ -876,48 +864,59 @@ mod tests {
                 panic!("expected an Ack, got {message:?}");
             };
             frames += 1;
-            seqs.extend(entries.iter().map(|e| e.seq));
+            arrived.extend(entries);
         }
-        (seqs, frames)
+        (arrived, frames)
     }
 
-    #[tokio::test]
-    async fn answers_given_while_a_send_waits_join_the_next_ack() {
-        let ((_a, mut a_inbox), (b, _b_inbox)) = pair(1).await;
-        // A full window: the first Ack cannot go yet.
-        let window = b
+    fn written(seqs: std::ops::RangeInclusive<u64>) -> Vec<AckEntry> {
+        seqs.map(|seq| AckEntry {
+            seq,
+            kind: AckKind::Written,
+            errno: 0,
+        })
+        .collect()
+    }
+
+    /// Fills `channel`'s window, then answers frame 1: its Ack is taken
+    /// for sending and waits, until the returned permits are dropped.
+    async fn hold_the_first_ack(channel: &Arc<Channel>) -> OwnedSemaphorePermit {
+        let window = channel
             .window
             .clone()
             .acquire_many_owned(WINDOW_UNITS as u32)
             .await
             .unwrap();
-        b.acknowledge(1, AckKind::Written, 0).await;
+        channel.acknowledge(1, AckKind::Written, 0).await;
         tokio::task::yield_now().await;
-        assert!(b.acks.lock().unwrap().entries.is_empty(), "1 is being sent");
+        assert!(
+            channel.acks.lock().unwrap().entries.is_empty(),
+            "1 is being sent"
+        );
+        window
+    }
+
+    #[tokio::test]
+    async fn answers_given_while_a_send_waits_join_the_next_ack() {
+        let ((_a, mut a_inbox), (b, _b_inbox)) = pair(1).await;
+        let window = hold_the_first_ack(&b).await;
         for seq in 2..=10 {
             b.acknowledge(seq, AckKind::Written, 0).await;
         }
         tokio::task::yield_now().await;
         b.acknowledge(11, AckKind::Written, 0).await;
         drop(window);
-        let (seqs, frames) = answers(&mut a_inbox, 11).await;
-        assert_eq!(seqs, (1..=11).collect::<Vec<_>>());
+        let (arrived, frames) = answers(&mut a_inbox, 11).await;
+        assert_eq!(arrived, written(1..=11));
         assert_eq!(frames, 2, "one sender: 2 to 11 went together");
     }
 
     #[tokio::test]
     async fn a_full_queue_of_answers_makes_the_next_one_wait() {
         let ((_a, mut a_inbox), (b, _b_inbox)) = pair(1).await;
-        let window = b
-            .window
-            .clone()
-            .acquire_many_owned(WINDOW_UNITS as u32)
-            .await
-            .unwrap();
+        let window = hold_the_first_ack(&b).await;
+        // The queue fills behind it.
         let last = ACKS_QUEUED_MAX as u64 + 2;
-        // 1 is taken for sending (and waits for the window); the queue fills.
-        b.acknowledge(1, AckKind::Written, 0).await;
-        tokio::task::yield_now().await;
         for seq in 2..last {
             b.acknowledge(seq, AckKind::Written, 0).await;
         }
@@ -931,7 +930,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), blocked)
             .await
             .expect("room once the window opens");
-        let (seqs, _) = answers(&mut a_inbox, last as usize).await;
-        assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+        let (arrived, _) = answers(&mut a_inbox, last as usize).await;
+        assert_eq!(arrived, written(1..=last));
     }
 }
