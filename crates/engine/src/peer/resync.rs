@@ -313,11 +313,10 @@ fn report_page(first_bit: u64, bits: Vec<u8>, granularity: u64, data_size: u64) 
             bits,
         }];
     }
-    bitmap_runs(&bits)
-        .flat_map(|(first, count)| {
-            let offset = (first_bit + first) * granularity;
-            let end = ((first_bit + first + count) * granularity).min(data_size);
-            pieces(offset, end - offset, REPORTED_RANGE_MAX_BYTES).map(|(offset, len)| {
+    bit_ranges(&bits, first_bit, granularity)
+        .flat_map(|(offset, len)| {
+            let len = len.min(data_size - offset);
+            pieces(offset, len, REPORTED_RANGE_MAX_BYTES).map(|(offset, len)| {
                 Message::ResyncRequest {
                     offset,
                     len: len as u32,
@@ -326,6 +325,17 @@ fn report_page(first_bit: u64, bits: Vec<u8>, granularity: u64, data_size: u64) 
             })
         })
         .collect()
+}
+
+/// The byte ranges the set bits of a bitmap slice starting at bit
+/// `first_bit` stand for, one bit per `granularity` bytes.
+fn bit_ranges(
+    bits: &[u8],
+    first_bit: u64,
+    granularity: u64,
+) -> impl Iterator<Item = (u64, u64)> + '_ {
+    bitmap_runs(bits)
+        .map(move |(first, count)| ((first_bit + first) * granularity, count * granularity))
 }
 
 /// Marks out of sync what a sync target's `Bitmap` message says it
@@ -359,8 +369,7 @@ fn reported_ranges(
              for {data_size} bytes of data"
         ));
     }
-    Ok(bitmap_runs(bits)
-        .map(move |(first, count)| ((first_bit + first) * granularity, count * granularity)))
+    Ok(bit_ranges(bits, first_bit, granularity))
 }
 
 /// Streams every out-of-sync range to the peer, clearing each as it is
