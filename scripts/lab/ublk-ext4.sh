@@ -1,7 +1,8 @@
 # ublk-ext4: the primary serves /dev/ublkb0 and carries ext4; the secondary
 # has no device. The primary refuses to demote while a process holds the
-# device open and under the mounted file system, then is killed; the secondary is promoted, serves /dev/ublkb1,
-# and its copy passes fsck with every file intact. Demoting it removes the
+# device open and under the mounted file system, then is killed; the
+# secondary is promoted, serves /dev/ublkb1, and its copy passes fsck with
+# every file intact. Demoting it waits out a brief opener and removes the
 # device.
 . "$(dirname "$0")/common.sh"
 modprobe ublk_drv
@@ -70,7 +71,16 @@ mount -o ro /dev/ublkb1 /mnt/b
 check_files /mnt/b
 echo "every file intact on the promoted secondary"
 umount /mnt/b
+# A brief opener, as a udev probe is, is waited for rather than refused.
+sleep 1 < /dev/ublkb1 &
+prober=$!
+for _ in $(seq 50); do
+    [ "$(readlink /proc/$prober/fd/0)" = /dev/ublkb1 ] && break
+    sleep 0.1
+done
+[ "$(readlink /proc/$prober/fd/0)" = /dev/ublkb1 ] || { echo "the prober did not open the device"; exit 1; }
 bm beta secondary
+echo "demotion waited for a brief opener"
 for _ in $(seq 100); do [ -e /dev/ublkb1 ] || break; sleep 0.1; done
 [ ! -e /dev/ublkb1 ] || { echo "/dev/ublkb1 still exists after demotion"; exit 1; }
 echo "demoted: /dev/ublkb1 removed"

@@ -22,6 +22,10 @@ const IO_BUF_BYTES: u32 = 512 << 10;
 /// (emulated) machines.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long demotion waits for the device's openers to close it before it
+/// refuses: long enough for a udev or blkid probe of a new device.
+const HOLDERS_GRACE: Duration = Duration::from_secs(2);
+
 /// What the driver says of device N.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceState {
@@ -196,7 +200,8 @@ impl Export {
     }
 
     /// Removes the device unless something holds it: a mounted file
-    /// system, an exclusive opener, or any process with it open. The check
+    /// system, an exclusive opener, or any process with it open for longer
+    /// than `HOLDERS_GRACE`. The check
     /// holds the device exclusively until it is gone, so nothing can mount
     /// it in between (a plain open in that moment still can). Refused, the
     /// export comes back. Blocking.
@@ -209,7 +214,7 @@ impl Export {
             .as_ref()
             .ok()
             .and_then(|file| file.metadata().ok())
-            .map(|m| holders::holders(m.rdev()))
+            .map(|m| holders::lasting_holders(m.rdev(), HOLDERS_GRACE))
             .unwrap_or_default();
         match claim {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {

@@ -6,6 +6,7 @@ use std::fmt;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// A process with the device open.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +47,23 @@ pub fn holders(rdev: u64) -> Vec<Holder> {
     found
 }
 
+/// The holders of `rdev` that still hold it after up to `grace`. Probes
+/// such as udev's and blkid's open a device for a moment, so a holder
+/// that closes within `grace` is not one to refuse for.
+pub fn lasting_holders(rdev: u64, grace: Duration) -> Vec<Holder> {
+    let deadline = Instant::now() + grace;
+    loop {
+        let found = holders(rdev);
+        if found.is_empty() || Instant::now() >= deadline {
+            return found;
+        }
+        std::thread::sleep(RECHECK_INTERVAL.min(deadline - Instant::now()));
+    }
+}
+
+/// How often `lasting_holders` looks again.
+const RECHECK_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Whether the process at `/proc/PID` has block device `rdev` open.
 fn holds(process: &Path, rdev: u64) -> bool {
     let Ok(fds) = fs::read_dir(process.join("fd")) else {
@@ -72,6 +90,14 @@ mod tests {
     use super::*;
     use std::process::{Command, Stdio};
 
+    /// Runs these tests one at a time: a child that one test spawns holds
+    /// copies of the other test's open files until it execs, so running
+    /// together each could see the other's children as holders.
+    fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// A loop device over a small file, detached on drop.
     struct LoopDevice(String);
 
@@ -96,6 +122,7 @@ mod tests {
 
     #[test]
     fn a_process_holding_a_block_device_is_found_and_this_one_is_not() {
+        let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
         let backing = dir.path().join("disk");
         fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
@@ -127,5 +154,47 @@ mod tests {
         holder.wait().unwrap();
         assert!(holders(rdev).is_empty(), "gone with its process");
         drop(ours);
+    }
+
+    #[test]
+    fn a_brief_holder_is_waited_for_and_a_lasting_one_is_not() {
+        let _serial = one_at_a_time();
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("disk");
+        fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+        let Some(device) = LoopDevice::new(&backing) else {
+            eprintln!("skipped: no loop device to attach here (needs root and loop)");
+            return;
+        };
+        let rdev = fs::metadata(&device.0).unwrap().rdev();
+        let hold = |seconds: &str| {
+            Command::new("sleep")
+                .arg(seconds)
+                .stdin(fs::File::open(&device.0).unwrap())
+                .spawn()
+                .unwrap()
+        };
+
+        // Like a udev probe: it closes the device well within the grace.
+        let mut brief = hold("0.3");
+        assert_eq!(holders(rdev).len(), 1);
+        let started = Instant::now();
+        assert!(lasting_holders(rdev, Duration::from_secs(10)).is_empty());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "did not wait it out"
+        );
+        brief.wait().unwrap();
+
+        let mut lasting = hold("30");
+        let started = Instant::now();
+        let found = lasting_holders(rdev, Duration::from_millis(300));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(
+            found.iter().map(|h| h.pid).collect::<Vec<_>>(),
+            vec![lasting.id()]
+        );
+        lasting.kill().unwrap();
+        lasting.wait().unwrap();
     }
 }
