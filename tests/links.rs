@@ -195,10 +195,10 @@ fn a_link_cut_under_load_loses_nothing() {
     let res = Resource::new();
     use_netns_links(&res);
     let (alpha, _beta) = synced_pair_with(&res, &net.exec("alpha"), &net.exec("beta"));
-    both_links_up(&res, "alpha");
+    let idle = both_links_up(&res, "alpha");
     assert_eq!(sessions(&alpha), 1, "{}", alpha.log());
 
-    // About 5 s of writes at 8 MiB/s, then fio reads everything back.
+    // About 8 s of writes at 8 MiB/s, then fio reads everything back.
     let mut fio = Command::new("fio")
         .current_dir(res.dir.path())
         .args([
@@ -207,7 +207,7 @@ fn a_link_cut_under_load_loses_nothing() {
             &format!("--uri={}", res.uri("alpha")),
             "--rw=randwrite",
             "--bs=64k",
-            "--size=40M",
+            "--size=64M",
             "--rate=8m",
             "--iodepth=8",
             "--verify=crc32c",
@@ -218,10 +218,19 @@ fn a_link_cut_under_load_loses_nothing() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
+    let loaded = res.json("alpha", &["status", "--json"]);
+    assert!(
+        sent_bytes(&loaded, 1) > sent_bytes(&idle, 1) + (1 << 20),
+        "link 1 carried the stream before the cut: {loaded}"
+    );
     net.set_link(1, false);
     let cut = res.wait_status("alpha", "link 1 declared down", |s| {
         link_state(s, 1) != "Connected"
     });
+    assert!(
+        fio.try_wait().unwrap().is_none(),
+        "fio was done before link 1 was declared down"
+    );
     assert_eq!(link_state(&cut, 0), "Connected", "{cut}");
     assert_eq!(cut["replication"], "Established", "{cut}");
     net.set_link(1, true);

@@ -37,10 +37,11 @@ fn writes_reach_both_disks() {
         alpha["generations"]["current"],
         beta["generations"]["current"]
     );
+    // Zeroes and a discard over written data, so that both must travel.
     res.qemu_io(
         "alpha",
         &[
-            "write -P 0xab 0 1M",
+            "write -P 0xab 0 4M",
             "write -z 1M 64k",
             "write -f -P 0x5a 12345 777",
             "discard 3M 1M",
@@ -64,6 +65,15 @@ fn writes_reach_both_disks() {
         0
     );
     res.assert_identical();
+    assert!(res.disk_holds("beta", 2 << 20, 1 << 20, 0xab));
+    assert!(
+        res.disk_holds("beta", 1 << 20, 64 << 10, 0),
+        "the zeroes reached the secondary"
+    );
+    assert!(
+        res.disk_holds("beta", 3 << 20, 1 << 20, 0),
+        "the discard reached the secondary"
+    );
     let out = Command::new("qemu-io")
         .args(["-f", "raw", &res.uri("beta"), "-c", "read 0 4k"])
         .output()
@@ -107,13 +117,64 @@ fn differential_resync_moves_only_what_changed() {
         after["resync"]["done_bytes"], dirty,
         "bytes moved equal the dirty bytes"
     );
+    assert_eq!(after["resync"]["zero_bytes"], 0, "{after}");
+    assert_eq!(after["resync"]["same_bytes"], 0, "{after}");
+    // What this session put on the wire: the dirty data, and besides it
+    // only frame headers, the bitmap exchange and keepalives.
+    let sent = after["links"][0]["sent_bytes"].as_u64().unwrap();
+    assert!(
+        (dirty..dirty + WIRE_OVERHEAD_MAX).contains(&sent),
+        "{sent} bytes sent for {dirty} dirty"
+    );
     res.wait_established("beta");
+    res.assert_identical();
+}
+
+/// What a resync session may send besides the data it copies, on a 63 MiB
+/// volume: the bitmap exchange, frame headers and keepalives.
+const WIRE_OVERHEAD_MAX: u64 = 64 << 10;
+
+/// A secondary whose disk was replaced by an empty one (new metadata, all
+/// data zero) gets every byte of the volume again.
+#[test]
+fn a_replaced_empty_secondary_gets_a_full_copy() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, beta) = synced_pair(&res);
+    res.qemu_io("alpha", &["write -P 0x71 0 8M", "write -P 0x72 40M 3M"]);
+    res.down("beta", beta);
+    std::fs::write(res.disk("beta"), vec![0u8; DISK_BYTES as usize]).unwrap();
+    res.ok("beta", &["create-md"]);
+    let _beta = res.up("beta");
+    let status = res.wait_established("alpha");
+    res.wait_established("beta");
+    let resync = &status["resync"];
+    assert_eq!(resync["total_bytes"], DATA_BYTES, "a full copy: {status}");
+    assert_eq!(resync["done_bytes"], DATA_BYTES, "{status}");
+    assert_eq!(
+        resync["same_bytes"], 0,
+        "nothing on an empty disk matches: {status}"
+    );
+    let data = 11 << 20;
+    assert_eq!(resync["zero_bytes"], DATA_BYTES - data, "{status}");
+    let sent = status["links"][0]["sent_bytes"].as_u64().unwrap();
+    assert!(
+        (data..data + WIRE_OVERHEAD_MAX).contains(&sent),
+        "{sent} bytes sent for {data} of data"
+    );
+    assert!(res.disk_holds("beta", 0, 8 << 20, 0x71));
+    assert!(res.disk_holds("beta", 40 << 20, 3 << 20, 0x72));
     res.assert_identical();
 }
 
 /// A peer with the wrong secret is refused and logged, and nothing is copied.
 #[test]
 fn wrong_secret_is_refused() {
+    if !have("qemu-io") {
+        return;
+    }
     let res = Resource::new();
     let text = std::fs::read_to_string(&res.config).unwrap();
     std::fs::write(
@@ -127,12 +188,12 @@ fn wrong_secret_is_refused() {
         text.replace("timeout = 2", "timeout = 2\nsecret = \"wrong\""),
     )
     .unwrap();
-    res.ok("alpha", &["create-md"]);
     run(Command::new(BIN)
         .arg("-c")
         .arg(&beta_config)
         .args(["-n", "beta", "create-md"]));
-    let _alpha = res.up("alpha");
+    let _alpha = res.primary("alpha");
+    res.qemu_io("alpha", &["write -P 0x61 0 4M"]);
     let _beta = {
         let log = std::fs::File::create(res.dir.path().join("beta.log")).unwrap();
         NodeProcess {
@@ -146,15 +207,23 @@ fn wrong_secret_is_refused() {
             log_path: res.dir.path().join("beta.log"),
         }
     };
-    res.ok("alpha", &["primary", "--force"]);
-    let status = res.wait_status("alpha", "an authentication refusal", |s| {
+    res.wait_status("alpha", "an authentication refusal", |s| {
         s["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("authentication"))
     });
-    assert_ne!(status["connection"], "Connected", "{status}");
-    // beta's data area was never written.
-    assert!(res.data_area("beta").iter().all(|&b| b == 0));
+    // beta keeps trying; each attempt is refused, for a few timeouts.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        let status = res.status("alpha");
+        assert_ne!(status["connection"], "Connected", "{status}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        res.data_area("beta").iter().all(|&b| b == 0),
+        "alpha's data reached beta"
+    );
+    assert!(res.disk_holds("alpha", 0, 4 << 20, 0x61));
 }
 
 /// Both sides writing while apart is split brain: refused with a clear
@@ -197,16 +266,21 @@ fn split_brain_is_refused_and_touches_nothing() {
 /// Two volumes that each have data of their own never exchange a byte.
 #[test]
 fn unrelated_data_is_refused() {
+    if !have("qemu-io") {
+        return;
+    }
     let res = Resource::new();
     res.ok("alpha", &["create-md"]);
     res.ok("beta", &["create-md"]);
-    // Each becomes primary alone, with its own volume and generation.
-    for node in ["alpha", "beta"] {
+    // Each becomes primary alone, with its own volume, generation and data.
+    for (node, byte) in [("alpha", 0x81), ("beta", 0x82)] {
         let process = res.up(node);
         res.ok(node, &["primary", "--force"]);
+        res.qemu_io(node, &[&format!("write -P {byte} 1M 2M")]);
         res.ok(node, &["secondary"]);
         res.down(node, process);
     }
+    let (alpha_before, beta_before) = (res.data_area("alpha"), res.data_area("beta"));
     let _alpha = res.up("alpha");
     let _beta = res.up("beta");
     let status = res.wait_status("alpha", "an unrelated-data refusal", |s| {
@@ -215,37 +289,70 @@ fn unrelated_data_is_refused() {
             .is_some_and(|e| e.contains("unrelated"))
     });
     assert_ne!(status["connection"], "Connected", "{status}");
+    let beta = res.wait_status("beta", "an unrelated-data refusal", |s| {
+        s["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unrelated"))
+    });
+    assert_ne!(beta["connection"], "Connected", "{beta}");
+    assert!(
+        res.data_area("alpha") == alpha_before,
+        "alpha's data changed"
+    );
+    assert!(res.data_area("beta") == beta_before, "beta's data changed");
+    assert!(res.disk_holds("beta", 1 << 20, 2 << 20, 0x82));
 }
 
 /// Protocol C: the primary is killed with -9 in the middle of a write
-/// stream, and every write the client saw acknowledged is on the secondary
-/// (that version of its block or a newer one).
+/// stream, with writes in flight, and every write a client saw acknowledged
+/// is on the secondary (that version of its block or a newer one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_a_killed_primary() {
+    use std::time::{Duration, Instant};
     const BLOCKS: u64 = 4096; // 16 MiB of 4 KiB blocks
-    const KILL_AFTER: usize = 400;
+    const CLIENTS: u64 = 8; // client c writes the blocks b with b % CLIENTS == c
+    const KILL_AFTER: Duration = Duration::from_millis(1500);
     let res = Resource::new();
     let (mut alpha, _beta) = synced_pair(&res);
-    let mut client = blkmirror_nbd::Client::connect_unix(&res.nbd_socket("alpha"), RESOURCE)
-        .await
-        .unwrap();
+    let writers: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let socket = res.nbd_socket("alpha");
+            tokio::spawn(async move {
+                let mut client = blkmirror_nbd::Client::connect_unix(&socket, RESOURCE)
+                    .await
+                    .unwrap();
+                let mut acked = Vec::new();
+                for version in 1..=1_000_000u64 {
+                    let block =
+                        version.wrapping_mul(2_654_435_761) % (BLOCKS / CLIENTS) * CLIENTS + c;
+                    let mut data = vec![0u8; 4096];
+                    data[..8].copy_from_slice(&block.to_le_bytes());
+                    data[8..16].copy_from_slice(&version.to_le_bytes());
+                    let sent = Instant::now();
+                    match client.write(block * 4096, &data, false).await {
+                        Ok(()) => acked.push((block, version)),
+                        // The primary is gone: when was the failed write sent?
+                        Err(_) => return (acked, Some(sent)),
+                    }
+                }
+                (acked, None)
+            })
+        })
+        .collect();
+    tokio::time::sleep(KILL_AFTER).await;
+    let killing = Instant::now();
+    alpha.child.kill().unwrap();
     let mut acked = vec![0u64; BLOCKS as usize];
-    let mut killed = false;
-    for version in 1..=100_000u64 {
-        let block = version.wrapping_mul(2_654_435_761) % BLOCKS;
-        let mut data = vec![0u8; 4096];
-        data[..8].copy_from_slice(&block.to_le_bytes());
-        data[8..16].copy_from_slice(&version.to_le_bytes());
-        match client.write(block * 4096, &data, false).await {
-            Ok(()) => acked[block as usize] = version,
-            Err(_) => break, // the primary is gone
-        }
-        if version as usize == KILL_AFTER {
-            alpha.child.kill().unwrap();
-            killed = true;
+    let mut in_flight = 0;
+    for writer in writers {
+        let (writes, failed) = writer.await.unwrap();
+        let failed = failed.expect("a client wrote on past the kill");
+        in_flight += usize::from(failed < killing);
+        for (block, version) in writes {
+            acked[block as usize] = version;
         }
     }
-    assert!(killed, "the stream ended before the kill");
+    assert!(in_flight > 0, "no write was in flight at the kill");
     alpha.child.wait().unwrap();
     let beta = res.data_area("beta");
     let mut checked = 0;
@@ -325,6 +432,11 @@ fn full_copy_onto_an_almost_identical_disk_moves_little() {
         "seven 1 MiB chunks already matched: {status}"
     );
     assert_eq!(resync["zero_bytes"], DATA_BYTES - 8 * chunk, "{status}");
+    let sent = status["links"][0]["sent_bytes"].as_u64().unwrap();
+    assert!(
+        (chunk..chunk + WIRE_OVERHEAD_MAX).contains(&sent),
+        "{sent} bytes sent for one differing chunk"
+    );
     res.assert_identical();
 }
 

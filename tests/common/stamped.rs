@@ -27,6 +27,8 @@ pub enum Ended {
     Done,
     /// A write failed or the connection broke (the node went away).
     Broke,
+    /// The time limit passed before all the writes were made.
+    OutOfTime,
 }
 
 impl Stamped {
@@ -57,7 +59,7 @@ impl Stamped {
         let deadline = Instant::now() + limit;
         for _ in 0..count {
             if Instant::now() > deadline {
-                break;
+                return Ended::OutOfTime;
             }
             let version = self.next_version;
             self.next_version += 1;

@@ -477,7 +477,7 @@ control = "/tmp/b.ctl"
         let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r0\"\nprotocl = \"C\""));
         assert!(e.contains("protocl"), "{e}");
         let e = error_of(&GOOD.replace("name = \"r0\"", "name = \"r0\"\nprotocol = \"D\""));
-        assert!(e.contains("protocol") || e.contains("D"), "{e}");
+        assert!(e.contains("protocol") && e.contains("`D`"), "{e}");
     }
 
     #[test]

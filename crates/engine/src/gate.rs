@@ -105,18 +105,27 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(50), gate.enter(8192, 4096)).await;
         assert!(disjoint.is_ok(), "disjoint ranges do not wait");
         drop(disjoint);
+        // The second and third overlap the first and each other. The third
+        // starts waiting before the second does, and still goes after it.
+        let second = gate.register(100, 10);
+        let third = gate.register(0, 200);
         let order = Arc::new(Mutex::new(Vec::new()));
-        let waiter = {
-            let (gate, order) = (gate.clone(), order.clone());
+        let hold = |ticket: Ticket, name: &'static str| {
+            let order = order.clone();
             tokio::spawn(async move {
-                let _g = gate.enter(100, 10).await;
-                order.lock().unwrap().push("second");
+                let _held = ticket.wait().await;
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(10)).await;
             })
         };
+        let third = hold(third, "third");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = hold(second, "second");
         tokio::time::sleep(Duration::from_millis(20)).await;
         order.lock().unwrap().push("first");
         drop(first);
-        waiter.await.unwrap();
-        assert_eq!(*order.lock().unwrap(), ["first", "second"]);
+        second.await.unwrap();
+        third.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["first", "second", "third"]);
     }
 }

@@ -292,7 +292,15 @@ mod tests {
             (recovered.sequence, recovered.damaged_slots),
             (last.sequence - 1, 1)
         );
-        // Its extents cover everything but the newest one.
+        // Its extents are those in force before the newest write: the
+        // EXTENTS_MIN written before it.
+        let mut before_newest = recovered.extents.clone();
+        before_newest.sort_unstable();
+        let newest = 299;
+        assert_eq!(
+            before_newest,
+            (newest - EXTENTS_MIN as u32..newest).collect::<Vec<_>>()
+        );
         let mut bitmap = DirtyBitmap::for_layout(&layout);
         recovered.mark_dirty(&mut bitmap);
         assert_eq!(

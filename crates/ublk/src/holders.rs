@@ -90,6 +90,13 @@ mod tests {
     use super::*;
     use std::process::{Command, Stdio};
 
+    /// Says why a test is skipped, on stderr directly: the test harness
+    /// captures `eprintln!`.
+    fn skip(reason: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "skipped: {reason}");
+    }
+
     /// Runs these tests one at a time: a child that one test spawns holds
     /// copies of the other test's open files until it execs, so running
     /// together each could see the other's children as holders.
@@ -127,7 +134,7 @@ mod tests {
         let backing = dir.path().join("disk");
         fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
         let Some(device) = LoopDevice::new(&backing) else {
-            eprintln!("skipped: no loop device to attach here (needs root and loop)");
+            skip("no loop device to attach here (needs root, loop and losetup)");
             return;
         };
         let rdev = fs::metadata(&device.0).unwrap().rdev();
@@ -163,7 +170,7 @@ mod tests {
         let backing = dir.path().join("disk");
         fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
         let Some(device) = LoopDevice::new(&backing) else {
-            eprintln!("skipped: no loop device to attach here (needs root and loop)");
+            skip("no loop device to attach here (needs root, loop and losetup)");
             return;
         };
         let rdev = fs::metadata(&device.0).unwrap().rdev();

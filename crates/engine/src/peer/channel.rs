@@ -780,6 +780,15 @@ mod tests {
         for n in 1000..1500 {
             a.send(&write(n)).await.unwrap();
         }
+        assert!(
+            a.send
+                .lock()
+                .unwrap()
+                .unconfirmed
+                .values()
+                .any(|e| e.link == 0),
+            "link 0 holds unconfirmed frames to move"
+        );
         let ((ra, wa), (rb, wb)) = connection().await;
         a.attach(0, ra, wa);
         b.attach(0, rb, wb);
