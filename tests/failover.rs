@@ -124,6 +124,15 @@ async fn both_killed_converge_by_a_resync_bounded_by_the_activity_log() {
         "the resync went beyond the activity log: {moved} bytes"
     );
     res.assert_identical();
+    // Resynced, the crash is forgotten: the other node may become primary
+    // and reconnect without alpha being taken for the newer side.
+    res.ok("beta", &["primary"]);
+    res.ok("beta", &["disconnect"]);
+    res.wait_status("beta", "StandAlone", |s| s["connection"] == "StandAlone");
+    res.ok("beta", &["connect"]);
+    res.wait_established("beta");
+    res.wait_established("alpha");
+    res.ok("beta", &["secondary"]);
     // The crashed primary may be promoted again: it held the newest data.
     res.ok("alpha", &["primary"]);
     run_to_end(&res, &mut work, "alpha", 500).await;

@@ -1020,6 +1020,8 @@ impl Volume {
             g.current = current;
             g.bitmap = 0;
             sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
+            // A crash here as primary no longer matters: this data is the peer's.
+            sb.flags.remove(Flags::CRASHED_PRIMARY);
         })?;
         tracing::info!("resync complete: this node is UpToDate");
         Ok(())
@@ -1035,6 +1037,9 @@ impl Volume {
                 g.history = [g.bitmap, g.history[0]];
                 g.bitmap = 0;
             }
+            // What a crash as primary may have left on this side alone has
+            // now been copied: the two sides no longer differ by it.
+            sb.flags.remove(Flags::CRASHED_PRIMARY);
         })?;
         tracing::info!("resync complete: the peer is UpToDate");
         Ok(state.superblock.generations.current)
