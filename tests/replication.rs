@@ -134,6 +134,39 @@ fn differential_resync_moves_only_what_changed() {
 /// volume: the bitmap exchange, frame headers and keepalives.
 const WIRE_OVERHEAD_MAX: u64 = 64 << 10;
 
+/// The bitmap granularity may be as coarse as one resync chunk (1 MiB): a
+/// write marks whole granules, and the resync copies them and ends. A
+/// coarser one is refused.
+#[test]
+fn coarse_granularity_resyncs_whole_granules() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let refusal = res.fails("alpha", &["create-md", "--granularity", "2097152"]);
+    assert!(refusal.contains("between 4096 and 1048576"), "{refusal}");
+    for node in ["alpha", "beta"] {
+        res.ok(node, &["create-md", "--granularity", "1048576"]);
+    }
+    let _alpha = res.up("alpha");
+    let beta = res.up("beta");
+    res.ok("alpha", &["primary", "--force"]);
+    res.wait_established("alpha");
+    res.wait_established("beta");
+    res.down("beta", beta);
+    res.wait_status("alpha", "disconnected", |s| s["connection"] != "Connected");
+    // Granule 5, and granules 20 and 21.
+    res.qemu_io("alpha", &["write -P 0x91 5M 4k", "write -P 0x92 20M 1536k"]);
+    let granules = 3 << 20;
+    assert_eq!(res.status("alpha")["out_of_sync_bytes"], granules);
+    let _beta = res.up("beta");
+    let status = res.wait_established("alpha");
+    res.wait_established("beta");
+    assert_eq!(status["resync"]["total_bytes"], granules, "{status}");
+    assert_eq!(status["resync"]["done_bytes"], granules, "{status}");
+    res.assert_identical();
+}
+
 /// A secondary whose disk was replaced by an empty one (new metadata, all
 /// data zero) gets every byte of the volume again.
 #[test]

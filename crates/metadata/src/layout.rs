@@ -28,7 +28,8 @@ pub const BITMAP_OFFSET_BYTES: u64 = AL_OFFSET_BYTES + AL_SIZE_BYTES;
 pub const MD_ALIGN_BYTES: u64 = MIB;
 pub const GRANULARITY_DEFAULT_BYTES: u32 = 4096;
 pub const GRANULARITY_MIN_BYTES: u32 = 4096;
-pub const GRANULARITY_MAX_BYTES: u32 = 64 * 1024 * 1024;
+/// One resync chunk: a resync clears only granules a chunk covers whole.
+pub const GRANULARITY_MAX_BYTES: u32 = 1024 * 1024;
 /// Bitmap pages are written whole: a 16-byte header (magic, version, page
 /// index, checksum), then the bits.
 pub const BITMAP_PAGE_BYTES: u64 = 4 * KIB;

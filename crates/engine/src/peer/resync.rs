@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blkmirror_metadata::layout::GRANULARITY_MAX_BYTES;
 use blkmirror_proto::message::WRITE_FLAG_ZERO;
 use blkmirror_proto::{bitmap_runs, Message, HEADER_BYTES};
 use tokio::sync::oneshot;
@@ -16,6 +17,9 @@ use crate::volume::Volume;
 
 /// Largest chunk a resync moves in one message.
 pub const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
+// A chunk that began on a granule boundary and ended inside the granule
+// would leave that granule dirty, and the resync would never end.
+const _: () = assert!(RESYNC_CHUNK_BYTES.is_multiple_of(GRANULARITY_MAX_BYTES as u64));
 /// Chunks in flight while the application is idle: enough to keep two links
 /// and both disks busy.
 pub const RESYNC_WINDOW_IDLE: usize = 16;
