@@ -33,7 +33,7 @@ enum Command {
         /// Overwrite existing metadata or a file system signature.
         #[arg(long)]
         force: bool,
-        /// Dirty-bitmap granularity in bytes (a power of two, at least 4096).
+        /// Dirty-bitmap granularity in bytes (a power of two, 4096 to 1 MiB).
         #[arg(long, default_value_t = blkmirror_metadata::layout::GRANULARITY_DEFAULT_BYTES)]
         granularity: u32,
         /// Volume UUID to record (default: a new random one).
