@@ -274,6 +274,38 @@ fn fio_nbd_engine_verifies_crc32c() {
 
 /// The old NBD_OPT_EXPORT_NAME path (non-fixed newstyle, 124 zero bytes)
 /// works for libnbd.
+/// One zeroing request over the whole volume, more extents than the
+/// activity log holds (16), is split to fit, and reaches both disks.
+#[test]
+fn zeroing_more_than_the_activity_log_holds() {
+    if !have_nbdsh() || !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    res.set("al-extents", "16");
+    let (_alpha, _beta) = synced_pair(&res);
+    res.qemu_io("alpha", &["write -P 0x6d 0 63M"]);
+    assert!(res.disk_holds("beta", 0, DATA_BYTES as usize, 0x6d));
+    let script = format!(
+        "h.connect_uri('{}')\n\
+         h.zero({DATA_BYTES}, 0, nbd.CMD_FLAG_NO_HOLE)\n\
+         h.trim({DATA_BYTES}, 0)\n\
+         h.flush()\n",
+        res.uri("alpha")
+    );
+    let out = nbdsh(&script);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(res.disk_holds("beta", 0, DATA_BYTES as usize, 0));
+    res.assert_identical();
+    let status = res.status("alpha");
+    assert_eq!(status["out_of_sync_bytes"], 0, "{status}");
+    assert_eq!(status["replication"], "Established", "{status}");
+}
+
 #[test]
 fn nbdsh_export_name_path() {
     if !have_nbdsh() {

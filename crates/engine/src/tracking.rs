@@ -5,10 +5,14 @@
 //! Order on the write path: (1) if the write touches an extent outside the
 //! activity log, persist a log transaction naming it (flushing the bitmap
 //! first when that evicts an extent); (2) mark the bitmap in memory; (3)
-//! issue the data write. After a crash, every extent of the last log
-//! transaction is marked dirty, which covers every write that was in flight.
+//! issue the data write; (4) once both disks have it, or the bitmap marks
+//! what the peer lacks, end the write in the log. An extent with a write
+//! between (1) and (4) is never evicted, so after a crash, marking every
+//! extent of the last log transaction dirty covers every unfinished write.
 
 use blkmirror_io::{AlignedBuf, Store};
+use std::sync::Arc;
+
 use blkmirror_metadata::activity_log::{self, ActivityLog, Recovered};
 use blkmirror_metadata::bitmap::DirtyBitmap;
 use blkmirror_metadata::{Layout, MetaDevice};
@@ -25,10 +29,38 @@ pub struct ChangeTracker {
     layout: Layout,
     disk: String,
     bitmap: std::sync::Mutex<DirtyBitmap>,
+    log: Arc<SharedLog>,
     /// Held across the log write, so a second write to a newly added extent
     /// waits until the transaction naming it is durable.
-    log: tokio::sync::Mutex<ActivityLog>,
+    transactions: tokio::sync::Mutex<()>,
     recovered: Recovered,
+}
+
+/// The activity log, shared with the writes that end in it.
+struct SharedLog {
+    log: std::sync::Mutex<ActivityLog>,
+    /// Notified whenever a write ends: its extents may now be evicted.
+    write_ended: tokio::sync::Notify,
+}
+
+/// A write the activity log covers: its extents stay in the log until this
+/// is dropped, which the writer does once both disks have the write or the
+/// bitmap marks what the peer lacks.
+pub struct LoggedWrite {
+    log: Arc<SharedLog>,
+    offset: u64,
+    len: u64,
+}
+
+impl Drop for LoggedWrite {
+    fn drop(&mut self) {
+        self.log
+            .log
+            .lock()
+            .unwrap()
+            .end_write(self.offset, self.len);
+        self.log.write_ended.notify_waiters();
+    }
 }
 
 impl ChangeTracker {
@@ -66,7 +98,15 @@ impl ChangeTracker {
             layout: *layout,
             disk: disk.to_string(),
             bitmap: std::sync::Mutex::new(bitmap),
-            log: tokio::sync::Mutex::new(ActivityLog::new(layout, al_extents, recovered.sequence)),
+            log: Arc::new(SharedLog {
+                log: std::sync::Mutex::new(ActivityLog::new(
+                    layout,
+                    al_extents,
+                    recovered.sequence,
+                )),
+                write_ended: tokio::sync::Notify::new(),
+            }),
+            transactions: tokio::sync::Mutex::new(()),
             recovered,
         })
     }
@@ -91,28 +131,47 @@ impl ChangeTracker {
         Ok(added)
     }
 
-    /// Runs before a data write to `[offset, offset + len)` of the data area.
-    /// `peer_missing`: the peer will not get this write, so mark it dirty.
+    /// Runs before a data write to `[offset, offset + len)` of the data area,
+    /// which must span fewer than `al-extents` extents. `peer_missing`: the
+    /// peer will not get this write, so mark it dirty. When every extent in
+    /// the log has a write in flight and this write needs a new one, it
+    /// waits for one of them to end.
     pub async fn before_write(
         &self,
         store: &Store,
         offset: u64,
         len: u64,
         peer_missing: bool,
-    ) -> Result<(), Error> {
-        let mut log = self.log.lock().await;
-        if let Some(transaction) = log.note_write(offset, len) {
+    ) -> Result<LoggedWrite, Error> {
+        let serial = self.transactions.lock().await;
+        let transaction = loop {
+            let ended = self.log.write_ended.notified();
+            tokio::pin!(ended);
+            // Registered before looking, so an end in between is not missed.
+            ended.as_mut().enable();
+            let begun = self.log.log.lock().unwrap().begin_write(offset, len);
+            if let Ok(transaction) = begun {
+                break transaction;
+            }
+            ended.await;
+        };
+        let logged = LoggedWrite {
+            log: self.log.clone(),
+            offset,
+            len,
+        };
+        if let Some(transaction) = transaction {
             if !transaction.evicted.is_empty() {
                 self.flush(store).await?;
             }
             let slot = AlignedBuf::from_slice(&transaction.slot);
             store.write(transaction.disk_offset, slot, true).await?;
         }
-        drop(log);
+        drop(serial);
         if peer_missing {
             self.bitmap.lock().unwrap().mark(offset, len);
         }
-        Ok(())
+        Ok(logged)
     }
 
     /// Writes every changed bitmap page and makes them durable.
@@ -202,5 +261,55 @@ mod tests {
         assert!(tracker.any_out_of_sync(12287, 10), "starts in it");
         assert!(!tracker.any_out_of_sync(0, 8192));
         assert!(!tracker.any_out_of_sync(12288, MIB));
+    }
+
+    /// With a write in flight in every extent of a full log, a write to a
+    /// new extent waits, and goes on, evicting that extent, once one of
+    /// them ends; writes to extents in the log do not wait.
+    #[tokio::test]
+    async fn a_new_extent_waits_for_a_write_in_flight_to_end() {
+        use activity_log::{EXTENTS_MIN, EXTENT_BYTES};
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let size = 256 * MIB;
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        let layout = Layout::for_disk(size, GRANULARITY_DEFAULT_BYTES).unwrap();
+        let tracker = ChangeTracker::open(
+            &std::fs::File::open(&path).unwrap(),
+            &layout,
+            "test",
+            EXTENTS_MIN,
+        )
+        .unwrap();
+        let store = Store::open(&path, blkmirror_io::Engine::Sync).unwrap();
+        let mut in_flight = Vec::new();
+        for extent in 0..EXTENTS_MIN as u64 {
+            in_flight.push(
+                tracker
+                    .before_write(&store, extent * EXTENT_BYTES, 4096, false)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let hot = tracker
+            .before_write(&store, 5 * EXTENT_BYTES + 8192, 4096, false)
+            .now_or_never()
+            .expect("an extent in the log does not wait")
+            .unwrap();
+        drop(hot);
+        let mut new = Box::pin(tracker.before_write(&store, 40 * EXTENT_BYTES, 4096, false));
+        assert!((&mut new).now_or_never().is_none(), "no extent can leave");
+        drop(in_flight.remove(9));
+        let logged = tokio::time::timeout(std::time::Duration::from_secs(10), new)
+            .await
+            .expect("a write ended: room for the new extent")
+            .unwrap();
+        let extents = tracker.log.log.lock().unwrap().active_extents();
+        assert!(
+            extents.contains(&40) && !extents.contains(&9),
+            "{extents:?}"
+        );
+        drop(logged);
     }
 }

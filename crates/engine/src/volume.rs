@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use blkmirror_config::{NodeConfig, Protocol};
 use blkmirror_io::{AlignedBuf, Engine, Store};
+use blkmirror_metadata::activity_log;
 use blkmirror_metadata::{self as metadata, fresh_generation, Flags, Generations, Superblock};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -17,7 +18,7 @@ use blkmirror_proto::Message;
 
 use crate::gate::{RangeGate, RangeGuard};
 use crate::peer::{self, Channel, Lost, Reply};
-use crate::tracking::ChangeTracker;
+use crate::tracking::{ChangeTracker, LoggedWrite};
 use crate::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +68,9 @@ fn disk_state(flags: Flags, connected: bool) -> DiskState {
 
 /// A diskless primary reads from its peer in pieces of this size.
 const PEER_READ_CHUNK_BYTES: u64 = 1 << 20;
+/// The most one zeroing write covers: 8 activity-log extents, half of the
+/// smallest log, so that it always fits beside other writes.
+const ZERO_PIECE_BYTES: u64 = 8 * activity_log::EXTENT_BYTES;
 
 /// How long a primary going down waits for its peer to confirm the goodbye.
 const GOODBYE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -614,7 +618,7 @@ impl Volume {
     ) -> Result<(), Error> {
         let len = data.len() as u64;
         let at = self.disk_offset(offset, len)?;
-        let route = self.prepare_write(offset, len).await?;
+        let (route, logged) = self.prepare_write(offset, len).await?;
         let _guard = self.gate.enter(offset, len).await;
         let link = match route {
             WriteRoute::Peer(link) => link,
@@ -631,7 +635,8 @@ impl Volume {
             }
             Ok(())
         };
-        self.replicate(&link, outgoing, offset, len, local).await
+        self.replicate(&link, outgoing, (offset, len), local, logged)
+            .await
     }
 
     /// The protocol a write follows now, and the frame that carries it to
@@ -663,14 +668,14 @@ impl Volume {
     /// disks have it, B when the peer has received it, A when it is queued.
     /// With A and B, a write the peer then fails or never confirms is
     /// marked for resync when that is known (a crash before that is covered
-    /// by the activity log).
+    /// by the activity log, which `logged` holds the write in until then).
     async fn replicate(
         self: &Arc<Self>,
         link: &Arc<Channel>,
         (protocol, frame): (Protocol, Vec<u8>),
-        offset: u64,
-        len: u64,
+        (offset, len): (u64, u64),
         local: impl Future<Output = Result<(), Error>>,
+        logged: Option<LoggedWrite>,
     ) -> Result<(), Error> {
         let remote = async {
             let mut reply = link.enqueue_frame(frame, protocol == Protocol::B).await?;
@@ -709,6 +714,7 @@ impl Volume {
                     if let Err(e) = volume.peer_result(&link, offset, len, answer) {
                         tracing::error!(error = %e, offset, "cannot mark an unconfirmed write for resync");
                     }
+                    drop(logged);
                 });
                 Ok(())
             }
@@ -722,8 +728,14 @@ impl Volume {
 
     /// Before a write: picks the link (if the peer receives writes now),
     /// starts a new generation if it does not, and records the write in the
-    /// activity log (and, without the peer, in the bitmap).
-    async fn prepare_write(&self, offset: u64, len: u64) -> Result<WriteRoute<'_>, Error> {
+    /// activity log (and, without the peer, in the bitmap). The write stays
+    /// in the activity log until the returned `LoggedWrite` is dropped (none
+    /// without a disk).
+    async fn prepare_write(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<(WriteRoute<'_>, Option<LoggedWrite>), Error> {
         self.application_writes.fetch_add(1, Ordering::Relaxed);
         let route = {
             let link = self.link.lock().unwrap();
@@ -738,7 +750,7 @@ impl Volume {
         if self.is_diskless() {
             // Nothing to record, nowhere to write but the peer.
             return match route {
-                WriteRoute::Peer(_) => Ok(route),
+                WriteRoute::Peer(_) => Ok((route, None)),
                 WriteRoute::LocalOnly(_) => Err(Error::DiskFailed),
             };
         }
@@ -759,10 +771,10 @@ impl Volume {
             // With the peer there, the write goes on through it alone.
             (Err(Error::Io(e @ blkmirror_io::Error::Io { .. })), WriteRoute::Peer(link)) => {
                 self.detach_failed_disk(&e);
-                Ok(WriteRoute::Peer(link))
+                Ok((WriteRoute::Peer(link), None))
             }
             (Err(e), _) => Err(e),
-            (Ok(()), route) => Ok(route),
+            (Ok(logged), route) => Ok((route, Some(logged))),
         }
     }
 
@@ -1157,8 +1169,28 @@ impl Volume {
         unmap: bool,
         fua: bool,
     ) -> Result<(), Error> {
+        self.disk_offset(offset, len)?;
+        let end = offset + len;
+        let mut at = offset;
+        // A client may zero gigabytes at once; the activity log holds a
+        // piece at a time.
+        while at < end {
+            let piece_end = end.min((at / ZERO_PIECE_BYTES + 1) * ZERO_PIECE_BYTES);
+            self.zero_piece(at, piece_end - at, unmap, fua).await?;
+            at = piece_end;
+        }
+        Ok(())
+    }
+
+    async fn zero_piece(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        fua: bool,
+    ) -> Result<(), Error> {
         let at = self.disk_offset(offset, len)?;
-        let route = self.prepare_write(offset, len).await?;
+        let (route, logged) = self.prepare_write(offset, len).await?;
         let _guard = self.gate.enter(offset, len).await;
         let local = async {
             if !self.is_diskless() {
@@ -1182,6 +1214,7 @@ impl Volume {
             flags |= WRITE_FLAG_UNMAP;
         }
         let outgoing = self.outgoing_write(&link, offset, flags, &len.to_le_bytes());
-        self.replicate(&link, outgoing, offset, len, local).await
+        self.replicate(&link, outgoing, (offset, len), local, logged)
+            .await
     }
 }

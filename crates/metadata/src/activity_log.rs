@@ -3,7 +3,9 @@
 //! naming the new set is made durable; after a crash, only those extents can
 //! differ from the peer without the bitmap knowing, so only they are marked
 //! dirty. This makes crash safety cheap: the bitmap itself is written only
-//! when an extent leaves the set, not on every write.
+//! when an extent leaves the set, not on every write. An extent leaves the
+//! set only when no write to it is still in flight (locally or to the peer),
+//! so the set always covers every unfinished write.
 //!
 //! On disk: a ring of 4 KiB slots in the activity-log region. Each slot
 //! holds a whole transaction: magic `BMAL` (u32), version (u16), reserved
@@ -43,6 +45,11 @@ pub struct Transaction {
     pub evicted: Vec<u32>,
 }
 
+/// Every extent in the set has a write in flight, so none can make room
+/// for a new one: wait for a write to end and try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtentsBusy;
+
 #[derive(Debug, Clone)]
 pub struct ActivityLog {
     region_offset: u64,
@@ -50,6 +57,8 @@ pub struct ActivityLog {
     capacity: usize,
     /// Active extents and when each was last used (a logical clock).
     active: HashMap<u32, u64>,
+    /// Writes begun and not yet ended, per extent (only extents with some).
+    in_flight: HashMap<u32, u32>,
     clock: u64,
     next_sequence: u64,
 }
@@ -62,6 +71,7 @@ impl ActivityLog {
             slot_count: layout.al_size / SLOT_BYTES,
             capacity: capacity.clamp(EXTENTS_MIN, EXTENTS_MAX),
             active: HashMap::new(),
+            in_flight: HashMap::new(),
             clock: 0,
             next_sequence: last_sequence + 1,
         }
@@ -83,34 +93,60 @@ impl ActivityLog {
         first.min(u64::from(u32::MAX)) as u32..end.min(u64::from(u32::MAX)) as u32
     }
 
-    /// Records a write to `[offset, offset + len)`. Returns the transaction
-    /// to persist first, or `None` when every extent was already active.
-    pub fn note_write(&mut self, offset: u64, len: u64) -> Option<Transaction> {
-        self.clock += 1;
-        let mut missing = Vec::new();
-        for extent in ActivityLog::extents_of(offset, len) {
-            match self.active.get_mut(&extent) {
-                Some(used) => *used = self.clock,
-                None => missing.push(extent),
-            }
-        }
-        if missing.is_empty() {
-            return None;
-        }
+    /// Starts a write to `[offset, offset + len)`, which must touch fewer
+    /// extents than the log holds. Returns the transaction to persist before
+    /// the write is issued, or `None` when every extent was already active.
+    /// The write counts as in flight until `end_write`; its extents stay in
+    /// the set until then. `ExtentsBusy` changes nothing.
+    pub fn begin_write(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Transaction>, ExtentsBusy> {
+        let extents = ActivityLog::extents_of(offset, len);
+        debug_assert!(extents.len() < self.capacity, "a write larger than the log");
+        let missing: Vec<u32> = extents
+            .clone()
+            .filter(|extent| !self.active.contains_key(extent))
+            .collect();
+        let room = self.capacity - self.active.len();
         let mut evicted = Vec::new();
-        for extent in missing {
-            if self.active.len() == self.capacity {
-                let (&coldest, _) = self
-                    .active
-                    .iter()
-                    .min_by_key(|(&extent, &used)| (used, extent))
-                    .expect("a full log has members");
-                self.active.remove(&coldest);
-                evicted.push(coldest);
+        if missing.len() > room {
+            let mut idle: Vec<(u64, u32)> = self
+                .active
+                .iter()
+                .filter(|(extent, _)| !self.in_flight.contains_key(extent))
+                .filter(|(extent, _)| !extents.contains(extent))
+                .map(|(&extent, &used)| (used, extent))
+                .collect();
+            let needed = missing.len() - room;
+            if idle.len() < needed {
+                return Err(ExtentsBusy);
             }
-            self.active.insert(extent, self.clock);
+            idle.sort_unstable();
+            evicted = idle[..needed].iter().map(|&(_, extent)| extent).collect();
         }
-        Some(self.transaction(evicted))
+        self.clock += 1;
+        for extent in &evicted {
+            self.active.remove(extent);
+        }
+        for extent in extents {
+            self.active.insert(extent, self.clock);
+            *self.in_flight.entry(extent).or_default() += 1;
+        }
+        Ok((!missing.is_empty()).then(|| self.transaction(evicted)))
+    }
+
+    /// Ends a write that `begin_write` started.
+    pub fn end_write(&mut self, offset: u64, len: u64) {
+        for extent in ActivityLog::extents_of(offset, len) {
+            if let Some(count) = self.in_flight.get_mut(&extent) {
+                *count -= 1;
+                if *count == 0 {
+                    self.in_flight.remove(&extent);
+                }
+            }
+        }
     }
 
     /// A transaction recording the current set (used after recovery too).
@@ -238,18 +274,23 @@ mod tests {
         dev.write_bytes_at(&t.slot, t.disk_offset).unwrap();
     }
 
+    /// A write that begins and ends at once.
+    fn write(log: &mut ActivityLog, offset: u64, len: u64) -> Option<Transaction> {
+        let transaction = log.begin_write(offset, len).expect("room in the log");
+        log.end_write(offset, len);
+        transaction
+    }
+
     #[test]
     fn hot_extents_cost_one_transaction() {
         let mut log = ActivityLog::new(&layout(), EXTENTS_MIN, 0);
-        let t = log.note_write(0, 4096).expect("first write to extent 0");
+        let t = write(&mut log, 0, 4096).expect("first write to extent 0");
         assert_eq!((t.sequence, t.evicted.len()), (1, 0));
         assert!(
-            log.note_write(100, 4096).is_none(),
+            write(&mut log, 100, 4096).is_none(),
             "extent 0 is already active"
         );
-        let t = log
-            .note_write(EXTENT_BYTES - 1, 2)
-            .expect("extent 1 is new");
+        let t = write(&mut log, EXTENT_BYTES - 1, 2).expect("extent 1 is new");
         assert_eq!(decode_slot(&t.slot).unwrap(), Some((2, vec![0, 1])));
     }
 
@@ -257,12 +298,48 @@ mod tests {
     fn the_coldest_extent_is_evicted_and_reported() {
         let mut log = ActivityLog::new(&layout(), EXTENTS_MIN, 0);
         for extent in 0..EXTENTS_MIN as u64 {
-            log.note_write(extent * EXTENT_BYTES, 1);
+            write(&mut log, extent * EXTENT_BYTES, 1);
         }
-        log.note_write(0, 1); // extent 0 is now the hottest, extent 1 the coldest
-        let t = log.note_write(100 * EXTENT_BYTES, 1).unwrap();
+        write(&mut log, 0, 1); // extent 0 is now the hottest, extent 1 the coldest
+        let t = write(&mut log, 100 * EXTENT_BYTES, 1).unwrap();
         assert_eq!(t.evicted, vec![1]);
         assert!(log.active_extents().contains(&0) && log.active_extents().contains(&100));
+    }
+
+    #[test]
+    fn an_extent_with_a_write_in_flight_stays() {
+        let mut log = ActivityLog::new(&layout(), EXTENTS_MIN, 0);
+        log.begin_write(0, 1).unwrap(); // extent 0: the coldest, and in flight
+        for extent in 1..EXTENTS_MIN as u64 {
+            write(&mut log, extent * EXTENT_BYTES, 1);
+        }
+        let t = write(&mut log, 100 * EXTENT_BYTES, 1).unwrap();
+        assert_eq!(t.evicted, vec![1], "the coldest idle extent goes instead");
+        log.end_write(0, 1);
+        let t = write(&mut log, 101 * EXTENT_BYTES, 1).unwrap();
+        assert_eq!(t.evicted, vec![0], "idle now, and the coldest");
+    }
+
+    #[test]
+    fn a_new_extent_waits_while_every_extent_has_a_write_in_flight() {
+        let mut log = ActivityLog::new(&layout(), EXTENTS_MIN, 0);
+        for extent in 0..EXTENTS_MIN as u64 {
+            log.begin_write(extent * EXTENT_BYTES, 1).unwrap();
+        }
+        let before = log.clone();
+        assert_eq!(log.begin_write(100 * EXTENT_BYTES, 1), Err(ExtentsBusy));
+        assert_eq!(log.active_extents(), before.active_extents());
+        assert_eq!(
+            log.next_sequence, before.next_sequence,
+            "nothing to persist"
+        );
+        // A write to an extent already in the set goes on.
+        assert_eq!(log.begin_write(3 * EXTENT_BYTES + 9, 1), Ok(None));
+        log.end_write(3 * EXTENT_BYTES + 9, 1);
+        assert_eq!(log.begin_write(100 * EXTENT_BYTES, 1), Err(ExtentsBusy));
+        log.end_write(7 * EXTENT_BYTES, 1);
+        let t = log.begin_write(100 * EXTENT_BYTES, 1).unwrap().unwrap();
+        assert_eq!(t.evicted, vec![7]);
     }
 
     #[test]
@@ -275,7 +352,7 @@ mod tests {
         let mut last = None;
         for i in 0..300u64 {
             // Wrap the ring (112 slots) more than twice.
-            if let Some(t) = log.note_write(i * EXTENT_BYTES, 1) {
+            if let Some(t) = write(&mut log, i * EXTENT_BYTES, 1) {
                 persist(&dev, &t);
                 last = Some(t);
             }
@@ -336,15 +413,33 @@ mod tests {
         }
 
         #[test]
-        fn the_set_never_exceeds_its_capacity(
-            writes in proptest::collection::vec((0u64..(64 << 30), 1u64..(32 << 20)), 1..200),
+        fn the_set_holds_every_write_in_flight_and_never_exceeds_its_capacity(
+            writes in proptest::collection::vec(
+                (0u64..(64 << 30), 1u64..(32 << 20), any::<bool>()),
+                1..200,
+            ),
             capacity in EXTENTS_MIN..64,
         ) {
             let mut log = ActivityLog::new(&layout(), capacity, 0);
-            for (offset, len) in writes {
-                log.note_write(offset, len);
+            let mut in_flight = std::collections::VecDeque::new();
+            for (offset, len, keep) in writes {
+                // Writes end oldest first when there is no room for this one.
+                while log.begin_write(offset, len).is_err() {
+                    let (o, l) = in_flight.pop_front().expect("an idle log has room");
+                    log.end_write(o, l);
+                }
+                if keep {
+                    in_flight.push_back((offset, len));
+                } else {
+                    log.end_write(offset, len);
+                }
                 let active = log.active_extents();
                 prop_assert!(active.len() <= capacity);
+                for &(o, l) in &in_flight {
+                    for extent in ActivityLog::extents_of(o, l) {
+                        prop_assert!(active.contains(&extent), "a write in flight lost its extent");
+                    }
+                }
                 for extent in ActivityLog::extents_of(offset, len) {
                     prop_assert!(active.contains(&extent), "a write's own extents are active");
                 }
