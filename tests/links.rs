@@ -262,7 +262,11 @@ fn a_link_cut_under_load_loses_nothing() {
         alpha.log()
     );
     let back = both_links_up(&res, "alpha");
-    res.qemu_io("alpha", &["write -P 0x3c 0 16M", "flush"]);
+    // Sixteen frames, not one: a frame goes on one link.
+    let writes: Vec<String> = (0..16).map(|m| format!("write -P 0x3c {m}M 1M")).collect();
+    let mut commands: Vec<&str> = writes.iter().map(String::as_str).collect();
+    commands.push("flush");
+    res.qemu_io("alpha", &commands);
     let later = res.json("alpha", &["status", "--json"]);
     assert!(
         sent_bytes(&later, 1) > sent_bytes(&back, 1) + (2 << 20),

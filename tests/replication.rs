@@ -406,6 +406,47 @@ async fn acknowledged_writes_survive_a_killed_primary() {
     assert!(checked > 100, "only {checked} blocks were written");
 }
 
+/// A write the secondary answered is remembered until a barrier makes it
+/// durable there. If the secondary dies before that (a power loss can take
+/// its disk's volatile cache), the write is marked and copied again when
+/// the secondary returns. After a flush, nothing is marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_the_secondary_never_made_durable_are_resynced() {
+    let res = Resource::new();
+    let (_alpha, mut beta) = synced_pair(&res);
+    let mut client = blkmirror_nbd::Client::connect_unix(&res.nbd_socket("alpha"), RESOURCE)
+        .await
+        .unwrap();
+    // Both answered by the secondary, and killed well before the barrier
+    // that follows answered writes within 2 s.
+    client.write(1 << 20, &[0x22; 8192], false).await.unwrap();
+    client.write(5 << 20, &[0x33; 4096], false).await.unwrap();
+    beta.child.kill().unwrap();
+    beta.child.wait().unwrap();
+    let unflushed = 8192 + 4096;
+    let status = res.wait_status("alpha", "the unflushed writes marked", |s| {
+        s["connection"] != "Connected" && s["out_of_sync_bytes"] != 0
+    });
+    assert_eq!(status["out_of_sync_bytes"], unflushed, "{status}");
+    let mut beta = res.up("beta");
+    let done = res.wait_established("alpha");
+    res.wait_established("beta");
+    assert_eq!(done["resync"]["total_bytes"], unflushed, "{done}");
+    res.assert_identical();
+
+    client.write(9 << 20, &[0x44; 4096], false).await.unwrap();
+    client.flush().await.unwrap();
+    beta.child.kill().unwrap();
+    beta.child.wait().unwrap();
+    // The node reports the connection lost once the session's end is
+    // handled, marks included.
+    let status = res.wait_status("alpha", "the peer lost", |s| s["connection"] != "Connected");
+    assert_eq!(
+        status["out_of_sync_bytes"], 0,
+        "a flushed write was marked: {status}"
+    );
+}
+
 /// `disconnect` keeps a node StandAlone while the primary writes on;
 /// `connect` brings the link back, and `wait-sync` returns once the
 /// difference is copied. `wait-sync` gives up at its timeout otherwise.

@@ -210,8 +210,8 @@ impl Drop for UnlinkedWrite<'_> {
 /// Where the peer's half of a replicated write stands when the client may
 /// hear success.
 enum PeerHalf {
-    /// The peer answered (protocol C): 0, or its errno.
-    Answered(u32),
+    /// The peer answered (protocol C) the frame `seq`: 0, or its errno.
+    Answered { seq: u64, errno: u32 },
     /// Still on its way (protocols A and B); the answer is awaited apart.
     Pending(Reply),
 }
@@ -457,8 +457,16 @@ impl Volume {
         let barrier = Message::Barrier {
             epoch: link.next_epoch(),
         };
-        match tokio::time::timeout(GOODBYE_WAIT, link.request(&barrier)).await {
-            Ok(Ok(0)) => tracing::info!("the peer knows this node is primary no longer"),
+        let goodbye = async {
+            let reply = link.enqueue(&barrier).await?;
+            let seq = reply.seq();
+            reply.written().await.map(|errno| (seq, errno))
+        };
+        match tokio::time::timeout(GOODBYE_WAIT, goodbye).await {
+            Ok(Ok((seq, 0))) => {
+                link.durable_before(seq);
+                tracing::info!("the peer knows this node is primary no longer")
+            }
             _ => tracing::warn!(
                 "the peer did not confirm the goodbye: it will need `primary --force` to take over"
             ),
@@ -680,7 +688,11 @@ impl Volume {
         let remote = async {
             let mut reply = link.enqueue_frame(frame, protocol == Protocol::B).await?;
             match protocol {
-                Protocol::C => reply.written().await.map(PeerHalf::Answered),
+                Protocol::C => {
+                    let seq = reply.seq();
+                    let errno = reply.written().await?;
+                    Ok(PeerHalf::Answered { seq, errno })
+                }
                 Protocol::B => {
                     reply.received().await?;
                     Ok(PeerHalf::Pending(reply))
@@ -694,7 +706,7 @@ impl Volume {
             // if the peer's disk has it.
             self.detach_failed_disk(e);
             let answer = match remote {
-                Ok(PeerHalf::Answered(errno)) => Ok(errno),
+                Ok(PeerHalf::Answered { errno, .. }) => Ok(errno),
                 Ok(PeerHalf::Pending(reply)) => reply.written().await,
                 Err(Lost) => Err(Lost),
             };
@@ -705,13 +717,16 @@ impl Volume {
         }
         local?;
         match remote {
-            Ok(PeerHalf::Answered(errno)) => self.peer_result(link, offset, len, Ok(errno)),
-            Err(Lost) => self.peer_result(link, offset, len, Err(Lost)),
+            Ok(PeerHalf::Answered { seq, errno }) => {
+                self.peer_result(link, (seq, offset, len), Ok(errno))
+            }
+            Err(Lost) => self.peer_result(link, (0, offset, len), Err(Lost)),
             Ok(PeerHalf::Pending(reply)) => {
                 let (volume, link) = (self.clone(), link.clone());
                 tokio::spawn(async move {
+                    let seq = reply.seq();
                     let answer = reply.written().await;
-                    if let Err(e) = volume.peer_result(&link, offset, len, answer) {
+                    if let Err(e) = volume.peer_result(&link, (seq, offset, len), answer) {
                         tracing::error!(error = %e, offset, "cannot mark an unconfirmed write for resync");
                     }
                     drop(logged);
@@ -778,17 +793,25 @@ impl Volume {
         }
     }
 
-    /// Accounts for the peer's answer to a write: a failure or a lost link
-    /// leaves the range marked for resync before the client hears success.
+    /// Accounts for the peer's answer to the write in frame `seq`: a
+    /// failure or a lost link leaves the range marked for resync before the
+    /// client hears success. A success is remembered until a barrier makes
+    /// it durable on the peer.
     fn peer_result(
-        &self,
-        link: &Channel,
-        offset: u64,
-        len: u64,
+        self: &Arc<Self>,
+        link: &Arc<Channel>,
+        (seq, offset, len): (u64, u64, u64),
         remote: Result<u32, Lost>,
     ) -> Result<(), Error> {
         match remote {
-            Ok(0) => return Ok(()),
+            Ok(0) => match link.remember_volatile(seq, offset, len) {
+                Some(()) => {
+                    self.schedule_barrier(link);
+                    return Ok(());
+                }
+                // The session ended before the write could be remembered.
+                None => tracing::debug!(offset, "a session ended as the peer answered a write"),
+            },
             Ok(errno) => {
                 tracing::warn!(offset, errno, "the peer failed a write; marked for resync")
             }
@@ -810,11 +833,13 @@ impl Volume {
         let current = self.link.lock().unwrap().take();
         if let Some(current) = current {
             current.close(why);
+            self.session_over(&current)?;
         }
+        self.session_over(link)?;
         self.open_generation()
     }
 
-    pub async fn flush(&self) -> Result<(), Error> {
+    pub async fn flush(self: &Arc<Self>) -> Result<(), Error> {
         if self.role() != Role::Primary {
             return Err(Error::NotPrimary);
         }
@@ -828,27 +853,78 @@ impl Volume {
         };
         // Every write acknowledged before this flush is on both disks; make
         // both durable.
-        let barrier = Message::Barrier {
-            epoch: link.next_epoch(),
-        };
-        let remote = link.request(&barrier);
         let local = async {
             if !diskless {
                 self.store.flush().await?;
             }
             Ok::<(), blkmirror_io::Error>(())
         };
-        let (local, remote) = tokio::join!(local, remote);
+        let (local, remote) = tokio::join!(local, self.barrier(&link));
         local?;
-        match remote {
-            Ok(0) => Ok(()),
+        remote
+    }
+
+    /// Sends a barrier and waits until the peer has made every write sent
+    /// before it durable. If it fails, all the peer has is marked for resync.
+    async fn barrier(&self, link: &Arc<Channel>) -> Result<(), Error> {
+        let barrier = Message::Barrier {
+            epoch: link.next_epoch(),
+        };
+        let answer = match link.enqueue(&barrier).await {
+            Ok(reply) => {
+                let seq = reply.seq();
+                reply.written().await.map(|errno| (seq, errno))
+            }
+            Err(Lost) => Err(Lost),
+        };
+        match answer {
+            Ok((seq, 0)) => {
+                link.durable_before(seq);
+                Ok(())
+            }
             _ => {
                 // The peer may not have made them durable: resync all it has.
                 tracing::warn!("the peer did not confirm a flush; everything is marked for resync");
                 self.tracker.mark_all();
-                self.peer_missed(&link, "the peer did not confirm a flush")
+                self.peer_missed(link, "the peer did not confirm a flush")
             }
         }
+    }
+
+    /// Makes sure a barrier will follow the writes the peer answered, soon
+    /// enough that few of them wait for it (see `Channel::barrier_due`).
+    fn schedule_barrier(self: &Arc<Self>, link: &Arc<Channel>) {
+        if !link.schedule_barrier() {
+            return;
+        }
+        let (volume, link) = (self.clone(), link.clone());
+        tokio::spawn(async move {
+            link.barrier_due().await;
+            if !link.is_closed() {
+                // A failure marks what the peer has, and ends the session.
+                let _ = volume.barrier(&link).await;
+            }
+            link.barrier_sent();
+        });
+    }
+
+    /// The session on `link` is over: the writes the peer answered that no
+    /// barrier made durable there may be lost to a power loss on the peer,
+    /// so they are marked for resync.
+    pub fn session_over(&self, link: &Channel) -> Result<(), Error> {
+        let volatile = link.take_volatile();
+        // Without a disk this node has no copy to resync them from.
+        if volatile.is_empty() || self.is_diskless() {
+            return Ok(());
+        }
+        for &(offset, len) in &volatile {
+            self.tracker.mark(offset, len);
+        }
+        tracing::info!(
+            writes = volatile.len(),
+            "writes the peer had not yet made durable are marked for resync"
+        );
+        self.open_generation()
     }
 
     /// `invalidate`: this node's data is to be overwritten by the peer. It

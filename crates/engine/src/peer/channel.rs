@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,11 @@ const _: () = assert!(
 const REORDER_FRAMES_MAX: usize = 1 << 17;
 /// Frames handed to the socket in one system call, at most.
 const WRITE_BATCH_FRAMES: usize = 64;
+/// Writes the peer answered before a barrier confirms them durable, at
+/// most: more hurry the barrier.
+const VOLATILE_WRITES_MAX: usize = 4096;
+/// How long a write the peer answered waits for a barrier, at most.
+const VOLATILE_AGE_MAX: Duration = Duration::from_secs(2);
 /// How often the receiver confirms what it has taken.
 const RECEIVED_INTERVAL: Duration = Duration::from_millis(5);
 /// Answers waiting for a frame, at most: beyond this, whoever answers
@@ -83,11 +88,17 @@ pub struct Answer {
 
 /// The peer's answers to one frame.
 pub struct Reply {
+    seq: u64,
     received: Option<oneshot::Receiver<()>>,
     written: oneshot::Receiver<Answer>,
 }
 
 impl Reply {
+    /// The frame's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
     /// The peer has received the frame (asked for with `enqueue_received`).
     pub async fn received(&mut self) -> Result<(), Lost> {
         match self.received.take() {
@@ -151,6 +162,14 @@ pub struct Channel {
     epoch: AtomicU64,
     /// Bytes written to each link's socket in this session.
     sent_bytes: [AtomicU64; LINKS_MAX],
+    /// Writes the peer answered that no barrier it confirmed has yet made
+    /// durable there, as `(offset, len)` by sequence number; `None` once
+    /// taken at the end of the session.
+    volatile: Mutex<Option<BTreeMap<u64, (u64, u64)>>>,
+    /// A barrier to make `volatile` durable is on its way or scheduled.
+    barrier_scheduled: AtomicBool,
+    /// Told when `volatile` holds `VOLATILE_WRITES_MAX` writes.
+    volatile_full: Notify,
 }
 
 /// The receiving end: sequenced messages in order.
@@ -186,6 +205,9 @@ impl Channel {
             closed: watch::channel(None).0,
             epoch: AtomicU64::new(0),
             sent_bytes: Default::default(),
+            volatile: Mutex::new(Some(BTreeMap::new())),
+            barrier_scheduled: AtomicBool::new(false),
+            volatile_full: Notify::new(),
         });
         let inbox = Inbox {
             channel: channel.clone(),
@@ -201,14 +223,62 @@ impl Channel {
         self.volume_uuid
     }
 
+    /// Remembers a write the peer answered, as `(offset, len)`, until a
+    /// barrier sent after it (`seq`) is confirmed: the peer's disk may hold
+    /// it only in a volatile cache until then. `None` once the session is
+    /// over: the caller must treat the write as unconfirmed.
+    pub fn remember_volatile(&self, seq: u64, offset: u64, len: u64) -> Option<()> {
+        let mut volatile = self.volatile.lock().unwrap();
+        let writes = volatile.as_mut()?;
+        writes.insert(seq, (offset, len));
+        if writes.len() >= VOLATILE_WRITES_MAX {
+            self.volatile_full.notify_one();
+        }
+        Some(())
+    }
+
+    /// The peer confirmed the barrier with sequence number `seq`: every
+    /// write sent before it is durable there.
+    pub fn durable_before(&self, seq: u64) {
+        if let Some(writes) = self.volatile.lock().unwrap().as_mut() {
+            *writes = writes.split_off(&seq);
+        }
+    }
+
+    /// Ends the record at the end of the session: the writes the peer
+    /// answered and may still lose (to a power loss, say).
+    pub fn take_volatile(&self) -> Vec<(u64, u64)> {
+        self.volatile
+            .lock()
+            .unwrap()
+            .take()
+            .map(|writes| writes.into_values().collect())
+            .unwrap_or_default()
+    }
+
+    /// Claims the scheduling of the next barrier for volatile writes:
+    /// true for one caller until `barrier_sent`.
+    pub fn schedule_barrier(&self) -> bool {
+        !self.barrier_scheduled.swap(true, Ordering::AcqRel)
+    }
+
+    /// The scheduled barrier was answered (or the session ended).
+    pub fn barrier_sent(&self) {
+        self.barrier_scheduled.store(false, Ordering::Release);
+    }
+
+    /// Waits until volatile writes have waited `VOLATILE_AGE_MAX`, or sooner
+    /// once they are `VOLATILE_WRITES_MAX`.
+    pub async fn barrier_due(&self) {
+        tokio::select! {
+            _ = tokio::time::sleep(VOLATILE_AGE_MAX) => {}
+            _ = self.volatile_full.notified() => {}
+        }
+    }
+
     /// A fresh epoch number for a barrier.
     pub fn next_epoch(&self) -> u64 {
         self.epoch.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// Sends `message` and waits for the peer's final answer to it.
-    pub async fn request(&self, message: &Message) -> Result<u32, Lost> {
-        self.enqueue(message).await?.written().await
     }
 
     /// Queues `message` for an answer. Once this returns, the message is
@@ -272,6 +342,7 @@ impl Channel {
                 .unwrap()
                 .insert(seq, Waiter { received, written });
             Reply {
+                seq,
                 received: received_rx,
                 written: written_rx,
             }
@@ -801,6 +872,24 @@ mod tests {
         })
         .await
         .expect("every frame confirmed");
+    }
+
+    #[tokio::test]
+    async fn a_barrier_ends_what_was_volatile_before_it_and_the_rest_is_handed_back() {
+        let (a, _inbox) = Channel::new([0; 16], Duration::from_secs(6));
+        for seq in [3, 5, 9] {
+            a.remember_volatile(seq, seq << 12, 4096).unwrap();
+        }
+        a.durable_before(5);
+        a.remember_volatile(4, 4 << 12, 512).unwrap(); // answered late
+        let mut left = a.take_volatile();
+        left.sort_unstable();
+        assert_eq!(left, [(4 << 12, 512), (5 << 12, 4096), (9 << 12, 4096)]);
+        assert!(
+            a.remember_volatile(10, 0, 1).is_none(),
+            "the session is over"
+        );
+        assert!(a.take_volatile().is_empty());
     }
 
     #[tokio::test]

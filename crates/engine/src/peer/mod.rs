@@ -417,8 +417,12 @@ impl Manager {
                 outcome = attempt => outcome,
             };
             self.volume.set_link(None);
-            if let Some(channel) = self.peer.channel.lock().unwrap().take() {
+            let ended = self.peer.channel.lock().unwrap().take();
+            if let Some(channel) = ended {
                 channel.close("session ended");
+                if let Err(e) = self.volume.session_over(&channel) {
+                    tracing::error!(error = %e, "cannot mark writes the peer may not have kept");
+                }
                 // A session was up: the next attempt starts from the
                 // shortest delay again.
                 delay = RECONNECT_DELAY_MIN;
