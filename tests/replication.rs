@@ -652,6 +652,47 @@ fn resync_rate_max_caps_the_resync() {
     res.assert_identical();
 }
 
+/// Resync chunks the target answered count as in sync only once a barrier
+/// after them is confirmed: a target killed in the middle of a resync (as
+/// in a power loss, which can take its disk's volatile cache) gets every
+/// chunk again.
+#[test]
+fn resync_chunks_count_only_once_the_target_flushed_them() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    res.set("resync-rate-max", "\"8M\"");
+    let (_alpha, beta) = synced_pair(&res);
+    res.down("beta", beta);
+    res.wait_status("alpha", "disconnected", |s| s["connection"] != "Connected");
+    res.qemu_io("alpha", &["write -P 0x67 0 24M"]);
+    let dirty = 24 << 20;
+    let mut beta = res.up("beta");
+    // At 8 MB/s the 24 MiB take about 3 s: well after the first chunks.
+    let midway = res.wait_status("alpha", "some chunks answered", |s| {
+        s["replication"] == "SyncSource" && s["resync"]["done_bytes"].as_u64() >= Some(4 << 20)
+    });
+    beta.child.kill().unwrap();
+    beta.child.wait().unwrap();
+    assert!(
+        midway["resync"]["done_bytes"].as_u64() < Some(dirty),
+        "the resync ended before the kill: {midway}"
+    );
+    let lost = res.wait_status("alpha", "the target lost", |s| {
+        s["connection"] != "Connected"
+    });
+    assert_eq!(
+        lost["out_of_sync_bytes"], dirty,
+        "answered chunks no barrier confirmed count as out of sync: {lost}"
+    );
+    let _beta = res.up("beta");
+    let done = res.wait_established("alpha");
+    res.wait_established("beta");
+    assert_eq!(done["resync"]["total_bytes"], dirty, "{done}");
+    res.assert_identical();
+}
+
 /// Resync runs beside a continuous application write load, yields to it,
 /// and still finishes while the load goes on.
 #[test]

@@ -145,7 +145,8 @@ impl ChecksumOdds {
     }
 }
 
-/// Copies one chunk to the peer and marks it in sync once confirmed.
+/// Copies one chunk to the peer; returns it once the peer has answered.
+/// It is durable there, and in sync, only after a barrier sent after it.
 async fn resync_chunk(
     volume: &Volume,
     link: &Channel,
@@ -154,7 +155,7 @@ async fn resync_chunk(
     len: u64,
     checksum_first: Option<&ChecksumOdds>,
     cap: Option<&RateCap>,
-) -> Result<(), String> {
+) -> Result<(u64, u64), String> {
     let lost = |_: Lost| "link lost during resync".to_string();
     // Reading and queueing under the range gate orders this chunk before
     // any application write to the same range.
@@ -222,9 +223,61 @@ async fn resync_chunk(
             "peer failed to write resync data at {offset}: errno {answer}"
         ));
     }
-    volume.mark_in_sync(offset, len);
     peer.progress(len, kind);
-    Ok(())
+    Ok((offset, len))
+}
+
+/// Resync chunks the peer has answered, waiting for a barrier to make them
+/// durable there before they count as in sync: a target that lost power
+/// could otherwise lose them from its disk's volatile cache, and no bit
+/// would say so.
+#[derive(Default)]
+struct Answered {
+    chunks: Vec<(u64, u64)>,
+    bytes: u64,
+}
+
+/// Answered chunks that wait for a barrier, at most: then one is sent.
+const ANSWERED_BYTES_MAX: u64 = 64 << 20;
+
+impl Answered {
+    fn add(&mut self, (offset, len): (u64, u64)) {
+        self.chunks.push((offset, len));
+        self.bytes += len;
+    }
+
+    /// Sends a barrier for the chunks answered so far, in a task of
+    /// `barriers`; the task marks them in sync once the peer confirms it.
+    fn barrier(
+        &mut self,
+        volume: &Arc<Volume>,
+        link: &Arc<Channel>,
+        barriers: &mut tokio::task::JoinSet<Result<(), String>>,
+    ) {
+        let chunks = std::mem::take(&mut self.chunks);
+        self.bytes = 0;
+        let (volume, link) = (volume.clone(), link.clone());
+        barriers.spawn(async move {
+            let barrier = Message::Barrier {
+                epoch: link.next_epoch(),
+            };
+            let lost = |_: Lost| "link lost during resync".to_string();
+            let errno = link
+                .enqueue(&barrier)
+                .await
+                .map_err(lost)?
+                .written()
+                .await
+                .map_err(lost)?;
+            if errno != 0 {
+                return Err(format!("peer failed to flush resync data: errno {errno}"));
+            }
+            for (offset, len) in chunks {
+                volume.mark_in_sync(offset, len);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Reads a range under the range gate and queues what `build` makes of it,
@@ -376,8 +429,8 @@ fn reported_ranges(
     Ok(bit_ranges(bits, first_bit, granularity))
 }
 
-/// Streams every out-of-sync range to the peer, clearing each as it is
-/// acknowledged, then tells the peer it is done.
+/// Streams every out-of-sync range to the peer, clearing each once a
+/// barrier after it is confirmed, then tells the peer it is done.
 pub async fn resync_source(
     volume: Arc<Volume>,
     link: Arc<Channel>,
@@ -389,6 +442,8 @@ pub async fn resync_source(
     let cap = RateCap::new(peer.resync_rate_max_bytes_per_s);
     let odds = checksum_first.then(|| Arc::new(ChecksumOdds::new()));
     let mut acks = tokio::task::JoinSet::new();
+    let mut answered = Answered::default();
+    let mut barriers = tokio::task::JoinSet::new();
     let result: Result<(), String> = async {
         // Rounds until nothing is left: a range marked behind the walk
         // (a write that raced the resync) is picked up next round. The walk
@@ -402,10 +457,15 @@ pub async fn resync_source(
                 found = true;
                 for (chunk_offset, chunk_len) in chunks(offset, len) {
                     while acks.len() >= pace.window(&volume) {
-                        acks.join_next()
-                            .await
-                            .expect("not empty")
-                            .map_err(|e| e.to_string())??;
+                        answered.add(
+                            acks.join_next()
+                                .await
+                                .expect("not empty")
+                                .map_err(|e| e.to_string())??,
+                        );
+                        if answered.bytes >= ANSWERED_BYTES_MAX {
+                            answered.barrier(&volume, &link, &mut barriers);
+                        }
                     }
                     let (volume, peer, link) = (volume.clone(), peer.clone(), link.clone());
                     let (cap, odds) = (cap.clone(), odds.clone());
@@ -425,6 +485,14 @@ pub async fn resync_source(
                 }
             }
             while let Some(joined) = acks.join_next().await {
+                answered.add(joined.map_err(|e| e.to_string())??);
+            }
+            // Everything answered in this round is in sync before the next
+            // round looks for what is left.
+            if !answered.chunks.is_empty() {
+                answered.barrier(&volume, &link, &mut barriers);
+            }
+            while let Some(joined) = barriers.join_next().await {
                 joined.map_err(|e| e.to_string())??;
             }
             if !found {
