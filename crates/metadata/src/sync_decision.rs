@@ -68,7 +68,16 @@ pub fn decide(local: &SideState, peer: &SideState) -> SyncDecision {
         (false, false) => {}
     }
     if l.current == p.current {
-        // Same data generation. A primary that crashed may have written
+        // Same data generation. A resync target that was cut off before the
+        // source said it was done is Inconsistent still, even when nothing
+        // is left to copy: the consistent side is the source.
+        let consistent = |s: &SideState| s.flags.contains(Flags::CONSISTENT);
+        match (consistent(local), consistent(peer)) {
+            (true, false) => return SyncDecision::SourceDifferential,
+            (false, true) => return SyncDecision::TargetDifferential,
+            _ => {}
+        }
+        // A primary that crashed may have written
         // (within its activity log) what the other never got: it is the
         // source. If both crashed as primary, neither can be preferred.
         let crashed = |s: &SideState| s.flags.contains(Flags::CRASHED_PRIMARY);
@@ -161,11 +170,13 @@ mod tests {
         /// Both ends always reach the same verdict, whatever the identifiers
         /// (drawn from a small pool so that they collide often).
         #[test]
-        fn both_ends_agree(a in proptest::array::uniform4(0u64..6), b in proptest::array::uniform4(0u64..6), ca: bool, cb: bool) {
+        fn both_ends_agree(a in proptest::array::uniform4(0u64..6), b in proptest::array::uniform4(0u64..6), ca: bool, cb: bool, ia: bool, ib: bool) {
             let mut left = side(a[0], a[1], [a[2], a[3]]);
             let mut right = side(b[0], b[1], [b[2], b[3]]);
             left.flags.set(Flags::CRASHED_PRIMARY, ca);
             right.flags.set(Flags::CRASHED_PRIMARY, cb);
+            left.flags.set(Flags::CONSISTENT | Flags::UP_TO_DATE, !ia);
+            right.flags.set(Flags::CONSISTENT | Flags::UP_TO_DATE, !ib);
             proptest::prop_assert_eq!(decide(&left, &right), decide(&right, &left).mirrored());
         }
     }
@@ -180,5 +191,19 @@ mod tests {
             SyncDecision::SourceDifferential,
         );
         check(crashed, crashed, SyncDecision::SplitBrain);
+    }
+
+    #[test]
+    fn an_inconsistent_side_of_the_same_generation_is_the_target() {
+        let mut cut_off = side(10, 0, [0, 0]);
+        cut_off.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE);
+        check(
+            side(10, 0, [0, 0]),
+            cut_off,
+            SyncDecision::SourceDifferential,
+        );
+        let mut crashed = side(10, 0, [0, 0]);
+        crashed.flags.insert(Flags::CRASHED_PRIMARY);
+        check(crashed, cut_off, SyncDecision::SourceDifferential);
     }
 }

@@ -55,7 +55,8 @@ pub const HELLO_FLAG_DISCARD_MY_DATA: u32 = 1 << 31;
 /// `State::disk_state`: the sender's disk failed and is detached (0: its
 /// flags tell its disk state).
 pub const STATE_DISKLESS: u8 = 1;
-/// The most a diskless peer may ask for in one `Read`.
+/// The most the peer may have this node read at once: a diskless peer's
+/// `Read`, or the chunk of a `ResyncChecksum`.
 const READ_MAX_BYTES: u32 = 4 << 20;
 /// A flag in Hello: the sender's disk failed and is detached.
 pub const HELLO_FLAG_DISKLESS: u32 = 1 << 29;
@@ -1100,10 +1101,15 @@ impl Manager {
                     let (volume, link) = (self.volume.clone(), link.clone());
                     tokio::spawn(async move {
                         let _guard = ticket.wait().await;
-                        let answer = match volume.read_local(offset, u64::from(len)).await {
-                            Ok(data) if crc32c::crc32c(&data) == crc => 0,
-                            Ok(_) => CHECKSUM_DIFFERS,
-                            Err(e) => e.errno() as u32,
+                        let answer = if len > READ_MAX_BYTES {
+                            // No chunk is this large: refuse to read it whole.
+                            libc::EINVAL as u32
+                        } else {
+                            match volume.read_local(offset, u64::from(len)).await {
+                                Ok(data) if crc32c::crc32c(&data) == crc => 0,
+                                Ok(_) => CHECKSUM_DIFFERS,
+                                Err(e) => e.errno() as u32,
+                            }
                         };
                         link.acknowledge(seq, AckKind::Written, answer).await;
                     });
