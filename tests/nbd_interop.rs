@@ -272,8 +272,6 @@ fn fio_nbd_engine_verifies_crc32c() {
     );
 }
 
-/// The old NBD_OPT_EXPORT_NAME path (non-fixed newstyle, 124 zero bytes)
-/// works for libnbd.
 /// One zeroing request over the whole volume, more extents than the
 /// activity log holds (16), is split to fit, and reaches both disks.
 #[test]
@@ -306,6 +304,8 @@ fn zeroing_more_than_the_activity_log_holds() {
     assert_eq!(status["replication"], "Established", "{status}");
 }
 
+/// The old NBD_OPT_EXPORT_NAME path (non-fixed newstyle, 124 zero bytes)
+/// works for libnbd.
 #[test]
 fn nbdsh_export_name_path() {
     if !have_nbdsh() {

@@ -445,6 +445,46 @@ async fn writes_the_secondary_never_made_durable_are_resynced() {
         status["out_of_sync_bytes"], 0,
         "a flushed write was marked: {status}"
     );
+
+    // An operator's `disconnect` asks for a barrier first: nothing to mark.
+    let _beta = res.up("beta");
+    res.wait_established("alpha");
+    client.write(13 << 20, &[0x55; 4096], false).await.unwrap();
+    res.ok("alpha", &["disconnect"]);
+    let status = res.wait_status("alpha", "StandAlone", |s| s["connection"] == "StandAlone");
+    assert_eq!(status["out_of_sync_bytes"], 0, "{status}");
+}
+
+/// A peer that goes silent (hung, or cut off) after answering a write costs
+/// a resync of that write only: the barrier that was to make it durable is
+/// lost with the link, and what it covered is marked, not the whole volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_costs_only_the_writes_it_did_not_make_durable() {
+    let res = Resource::new();
+    // Longer than the 2 s after which a barrier follows an answered write,
+    // so that the barrier is on its way when the link is declared dead.
+    res.edit_config(|text| text.replace("timeout = 2", "timeout = 6"));
+    let (_alpha, beta) = synced_pair(&res);
+    let mut client = blkmirror_nbd::Client::connect_unix(&res.nbd_socket("alpha"), RESOURCE)
+        .await
+        .unwrap();
+    client.write(2 << 20, &[0x55; 4096], false).await.unwrap();
+    let pid = beta.child.id() as libc::pid_t;
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let lost = res.wait_status("alpha", "the silent peer given up", |s| {
+        s["connection"] != "Connected"
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(lost["out_of_sync_bytes"], 4096, "{lost}");
+    let done = res.wait_status("alpha", "resynced", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    assert_eq!(done["resync"]["total_bytes"], 4096, "{done}");
+    res.wait_established("beta");
+    res.assert_identical();
+    drop(beta);
 }
 
 /// `disconnect` keeps a node StandAlone while the primary writes on;
@@ -662,14 +702,14 @@ fn resync_chunks_count_only_once_the_target_flushed_them() {
         return;
     }
     let res = Resource::new();
-    res.set("resync-rate-max", "\"8M\"");
+    res.set("resync-rate-max", "\"4M\"");
     let (_alpha, beta) = synced_pair(&res);
     res.down("beta", beta);
     res.wait_status("alpha", "disconnected", |s| s["connection"] != "Connected");
     res.qemu_io("alpha", &["write -P 0x67 0 24M"]);
     let dirty = 24 << 20;
     let mut beta = res.up("beta");
-    // At 8 MB/s the 24 MiB take about 3 s: well after the first chunks.
+    // At 4 MB/s the 24 MiB take about 6 s: well after the first chunks.
     let midway = res.wait_status("alpha", "some chunks answered", |s| {
         s["replication"] == "SyncSource" && s["resync"]["done_bytes"].as_u64() >= Some(4 << 20)
     });

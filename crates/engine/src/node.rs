@@ -247,6 +247,7 @@ async fn handle_control(
             (to_response(result), false)
         }
         Request::Disconnect => {
+            volume.settle().await;
             peer.disconnect();
             (Response::Ok, false)
         }

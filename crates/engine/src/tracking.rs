@@ -162,7 +162,10 @@ impl ChangeTracker {
         };
         if let Some(transaction) = transaction {
             if !transaction.evicted.is_empty() {
-                self.flush(store).await?;
+                // Once the log stops naming the evicted extents, neither
+                // their writes nor their bitmap pages may sit in a cache.
+                self.write_pages(store).await?;
+                store.flush().await?;
             }
             let slot = AlignedBuf::from_slice(&transaction.slot);
             store.write(transaction.disk_offset, slot, true).await?;
@@ -176,17 +179,22 @@ impl ChangeTracker {
 
     /// Writes every changed bitmap page and makes them durable.
     pub async fn flush(&self, store: &Store) -> Result<(), Error> {
-        let pages = self.bitmap.lock().unwrap().take_unflushed(&self.layout);
-        if pages.is_empty() {
-            return Ok(());
+        if self.write_pages(store).await? {
+            store.flush().await?;
         }
+        Ok(())
+    }
+
+    /// Writes every changed bitmap page; true if there were any.
+    async fn write_pages(&self, store: &Store) -> Result<bool, Error> {
+        let pages = self.bitmap.lock().unwrap().take_unflushed(&self.layout);
+        let any = !pages.is_empty();
         for (disk_offset, page) in pages {
             store
                 .write(disk_offset, AlignedBuf::from_slice(&page), false)
                 .await?;
         }
-        store.flush().await?;
-        Ok(())
+        Ok(any)
     }
 
     /// Marks a range the peer lacks (a write it never confirmed).

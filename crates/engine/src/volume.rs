@@ -413,6 +413,7 @@ impl Volume {
             }
         }
         self.store.flush().await?;
+        self.settle().await;
         let mut state = self.state.lock().unwrap();
         self.persist(&mut state, |sb| sb.flags.remove(Flags::PRIMARY))?;
         tracing::info!("demoted to Secondary");
@@ -478,6 +479,12 @@ impl Volume {
         if self.is_diskless() {
             tracing::warn!("the disk failed: nothing recorded on it at shutdown");
             return Ok(());
+        }
+        // Writes the peer may not have made durable (no goodbye confirmed).
+        let link = self.link.lock().unwrap().take();
+        if let Some(link) = link {
+            link.close("shutting down");
+            self.session_over(&link)?;
         }
         self.tracker.flush(&self.store).await?;
         self.store.flush().await?;
@@ -883,11 +890,25 @@ impl Volume {
                 Ok(())
             }
             _ => {
-                // The peer may not have made them durable: resync all it has.
-                tracing::warn!("the peer did not confirm a flush; everything is marked for resync");
-                self.tracker.mark_all();
-                self.peer_missed(link, "the peer did not confirm a flush")
+                // What it answered since its last confirmed barrier is
+                // remembered, and marked as the session ends.
+                tracing::warn!("the peer did not confirm a barrier; the session ends");
+                self.peer_missed(link, "the peer did not confirm a barrier")
             }
+        }
+    }
+
+    /// Asks the peer to make durable every write it answered, waiting a
+    /// little: a planned change (demotion, `disconnect`) then leaves nothing
+    /// to mark.
+    pub async fn settle(&self) {
+        let link = self.link.lock().unwrap().clone();
+        let Some(link) = link else { return };
+        if tokio::time::timeout(GOODBYE_WAIT, self.barrier(&link))
+            .await
+            .is_err()
+        {
+            tracing::warn!("the peer did not confirm a barrier in time");
         }
     }
 
@@ -901,10 +922,15 @@ impl Volume {
         tokio::spawn(async move {
             link.barrier_due().await;
             if !link.is_closed() {
-                // A failure marks what the peer has, and ends the session.
+                // A failure ends the session, which marks what is left.
                 let _ = volume.barrier(&link).await;
             }
             link.barrier_sent();
+            // A write answered while this barrier was on its way found it
+            // scheduled: it needs the next one.
+            if link.holds_volatile() {
+                volume.schedule_barrier(&link);
+            }
         });
     }
 
@@ -924,7 +950,10 @@ impl Volume {
             writes = volatile.len(),
             "writes the peer had not yet made durable are marked for resync"
         );
-        self.open_generation()
+        // Written as primary, even if this node was demoted since: its data
+        // may be newer than the peer's, and the next handshake must see it.
+        let mut state = self.state.lock().unwrap();
+        self.start_generation(&mut state)
     }
 
     /// `invalidate`: this node's data is to be overwritten by the peer. It
@@ -1007,12 +1036,18 @@ impl Volume {
     /// get, so that on reconnect the generations say who is newer.
     fn open_generation(&self) -> Result<(), Error> {
         let mut state = self.state.lock().unwrap();
-        if state.generation_open || state.role != Role::Primary {
+        if state.role != Role::Primary {
             return Ok(());
         }
-        self.persist(&mut state, |sb| {
-            sb.generations.start_new(fresh_generation())
-        })?;
+        self.start_generation(&mut state)
+    }
+
+    /// Starts a new data generation, unless one is open already.
+    fn start_generation(&self, state: &mut State) -> Result<(), Error> {
+        if state.generation_open {
+            return Ok(());
+        }
+        self.persist(state, |sb| sb.generations.start_new(fresh_generation()))?;
         state.generation_open = true;
         Ok(())
     }

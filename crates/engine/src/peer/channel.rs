@@ -256,6 +256,15 @@ impl Channel {
             .unwrap_or_default()
     }
 
+    /// Whether any write the peer answered still waits for a barrier.
+    pub fn holds_volatile(&self) -> bool {
+        self.volatile
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|writes| !writes.is_empty())
+    }
+
     /// Claims the scheduling of the next barrier for volatile writes:
     /// true for one caller until `barrier_sent`.
     pub fn schedule_barrier(&self) -> bool {
