@@ -134,47 +134,59 @@ impl ChangeTracker {
     /// Runs before a data write to `[offset, offset + len)` of the data area,
     /// which must span fewer than `al-extents` extents. `peer_missing`: the
     /// peer will not get this write, so mark it dirty. When every extent in
-    /// the log has a write in flight and this write needs a new one, it
-    /// waits for one of them to end.
+    /// the log has a write in flight and this write needs a new one, a
+    /// write the peer gets waits for one of them to end; a write it misses
+    /// does not wait (those in flight may wait for the peer), and is covered
+    /// by its bitmap pages, made durable first. `None`: no extent held.
     pub async fn before_write(
         &self,
         store: &Store,
         offset: u64,
         len: u64,
         peer_missing: bool,
-    ) -> Result<LoggedWrite, Error> {
-        let serial = self.transactions.lock().await;
-        let transaction = loop {
+    ) -> Result<Option<LoggedWrite>, Error> {
+        loop {
             let ended = self.log.write_ended.notified();
             tokio::pin!(ended);
             // Registered before looking, so an end in between is not missed.
             ended.as_mut().enable();
+            let serial = self.transactions.lock().await;
             let begun = self.log.log.lock().unwrap().begin_write(offset, len);
-            if let Ok(transaction) = begun {
-                break transaction;
+            match begun {
+                Ok(transaction) => {
+                    let logged = LoggedWrite {
+                        log: self.log.clone(),
+                        offset,
+                        len,
+                    };
+                    if let Some(transaction) = transaction {
+                        if !transaction.evicted.is_empty() {
+                            // Once the log stops naming the evicted extents,
+                            // neither their writes nor their bitmap pages may
+                            // sit in a cache.
+                            self.write_pages(store).await?;
+                            store.flush().await?;
+                        }
+                        let slot = AlignedBuf::from_slice(&transaction.slot);
+                        store.write(transaction.disk_offset, slot, true).await?;
+                    }
+                    drop(serial);
+                    if peer_missing {
+                        self.bitmap.lock().unwrap().mark(offset, len);
+                    }
+                    return Ok(Some(logged));
+                }
+                Err(_) if peer_missing => {
+                    self.bitmap.lock().unwrap().mark(offset, len);
+                    self.write_pages(store).await?;
+                    store.flush().await?;
+                    return Ok(None);
+                }
+                // Waits without holding up other writes' transactions.
+                Err(_) => drop(serial),
             }
             ended.await;
-        };
-        let logged = LoggedWrite {
-            log: self.log.clone(),
-            offset,
-            len,
-        };
-        if let Some(transaction) = transaction {
-            if !transaction.evicted.is_empty() {
-                // Once the log stops naming the evicted extents, neither
-                // their writes nor their bitmap pages may sit in a cache.
-                self.write_pages(store).await?;
-                store.flush().await?;
-            }
-            let slot = AlignedBuf::from_slice(&transaction.slot);
-            store.write(transaction.disk_offset, slot, true).await?;
         }
-        drop(serial);
-        if peer_missing {
-            self.bitmap.lock().unwrap().mark(offset, len);
-        }
-        Ok(logged)
     }
 
     /// Writes every changed bitmap page and makes them durable.
@@ -297,7 +309,8 @@ mod tests {
                 tracker
                     .before_write(&store, extent * EXTENT_BYTES, 4096, false)
                     .await
-                    .unwrap(),
+                    .unwrap()
+                    .expect("an extent held"),
             );
         }
         let hot = tracker
@@ -318,6 +331,24 @@ mod tests {
             extents.contains(&40) && !extents.contains(&9),
             "{extents:?}"
         );
+
+        // With every extent busy again, a write the peer misses does not
+        // wait: its bitmap pages, durable before it, cover it instead.
+        let missed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tracker.before_write(&store, 60 * EXTENT_BYTES, 4096, true),
+        )
+        .await
+        .expect("a write the peer misses does not wait")
+        .unwrap();
+        assert!(missed.is_none(), "no extent to hold");
         drop(logged);
+        let disk = std::fs::File::open(&path).unwrap();
+        let (on_disk, _) = DirtyBitmap::load(&disk, &layout).unwrap();
+        assert_eq!(
+            on_disk.dirty_bytes(),
+            4096,
+            "marked on disk before the write"
+        );
     }
 }

@@ -796,7 +796,7 @@ impl Volume {
                 Ok((WriteRoute::Peer(link), None))
             }
             (Err(e), _) => Err(e),
-            (Ok(logged), route) => Ok((route, Some(logged))),
+            (Ok(logged), route) => Ok((route, logged)),
         }
     }
 
