@@ -138,12 +138,14 @@ impl ChangeTracker {
     /// write the peer gets waits for one of them to end; a write it misses
     /// does not wait (those in flight may wait for the peer), and is covered
     /// by its bitmap pages, made durable first. `None`: no extent held.
+    /// `hurry` is called before each wait: extents are also held by writes
+    /// that wait for a barrier on the peer.
     pub async fn before_write(
         &self,
         store: &Store,
-        offset: u64,
-        len: u64,
+        (offset, len): (u64, u64),
         peer_missing: bool,
+        hurry: impl Fn(),
     ) -> Result<Option<LoggedWrite>, Error> {
         loop {
             let ended = self.log.write_ended.notified();
@@ -183,7 +185,10 @@ impl ChangeTracker {
                     return Ok(None);
                 }
                 // Waits without holding up other writes' transactions.
-                Err(_) => drop(serial),
+                Err(_) => {
+                    drop(serial);
+                    hurry();
+                }
             }
             ended.await;
         }
@@ -307,20 +312,24 @@ mod tests {
         for extent in 0..EXTENTS_MIN as u64 {
             in_flight.push(
                 tracker
-                    .before_write(&store, extent * EXTENT_BYTES, 4096, false)
+                    .before_write(&store, (extent * EXTENT_BYTES, 4096), false, || {})
                     .await
                     .unwrap()
                     .expect("an extent held"),
             );
         }
         let hot = tracker
-            .before_write(&store, 5 * EXTENT_BYTES + 8192, 4096, false)
+            .before_write(&store, (5 * EXTENT_BYTES + 8192, 4096), false, || {})
             .now_or_never()
             .expect("an extent in the log does not wait")
             .unwrap();
         drop(hot);
-        let mut new = Box::pin(tracker.before_write(&store, 40 * EXTENT_BYTES, 4096, false));
+        let hurried = std::cell::Cell::new(0);
+        let hurry = || hurried.set(hurried.get() + 1);
+        let mut new =
+            Box::pin(tracker.before_write(&store, (40 * EXTENT_BYTES, 4096), false, hurry));
         assert!((&mut new).now_or_never().is_none(), "no extent can leave");
+        assert_eq!(hurried.get(), 1, "asked for the barrier that frees extents");
         drop(in_flight.remove(9));
         let logged = tokio::time::timeout(std::time::Duration::from_secs(10), new)
             .await
@@ -336,7 +345,7 @@ mod tests {
         // wait: its bitmap pages, durable before it, cover it instead.
         let missed = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            tracker.before_write(&store, 60 * EXTENT_BYTES, 4096, true),
+            tracker.before_write(&store, (60 * EXTENT_BYTES, 4096), true, || {}),
         )
         .await
         .expect("a write the peer misses does not wait")

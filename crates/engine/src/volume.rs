@@ -17,7 +17,7 @@ use blkmirror_proto::message::{WRITE_FLAG_ACK_RECEIVED, WRITE_FLAG_UNMAP, WRITE_
 use blkmirror_proto::Message;
 
 use crate::gate::{RangeGate, RangeGuard};
-use crate::peer::{self, Channel, Lost, Reply};
+use crate::peer::{self, Channel, Lost, Reply, VolatileWrite};
 use crate::tracking::{ChangeTracker, LoggedWrite};
 use crate::Error;
 
@@ -723,20 +723,22 @@ impl Volume {
             };
         }
         local?;
+        let write = VolatileWrite {
+            offset,
+            len,
+            logged,
+        };
         match remote {
-            Ok(PeerHalf::Answered { seq, errno }) => {
-                self.peer_result(link, (seq, offset, len), Ok(errno))
-            }
-            Err(Lost) => self.peer_result(link, (0, offset, len), Err(Lost)),
+            Ok(PeerHalf::Answered { seq, errno }) => self.peer_result(link, seq, write, Ok(errno)),
+            Err(Lost) => self.peer_result(link, 0, write, Err(Lost)),
             Ok(PeerHalf::Pending(reply)) => {
                 let (volume, link) = (self.clone(), link.clone());
                 tokio::spawn(async move {
                     let seq = reply.seq();
                     let answer = reply.written().await;
-                    if let Err(e) = volume.peer_result(&link, (seq, offset, len), answer) {
+                    if let Err(e) = volume.peer_result(&link, seq, write, answer) {
                         tracing::error!(error = %e, offset, "cannot mark an unconfirmed write for resync");
                     }
-                    drop(logged);
                 });
                 Ok(())
             }
@@ -779,13 +781,18 @@ impl Volume {
         if let WriteRoute::LocalOnly(_) = route {
             self.open_generation()?;
         }
+        let hurry = || {
+            if let WriteRoute::Peer(link) = &route {
+                link.hurry_barrier();
+            }
+        };
         let recorded = self
             .tracker
             .before_write(
                 &self.store,
-                offset,
-                len,
+                (offset, len),
                 matches!(route, WriteRoute::LocalOnly(_)),
+                hurry,
             )
             .await;
         match (recorded, route) {
@@ -800,33 +807,41 @@ impl Volume {
         }
     }
 
-    /// Accounts for the peer's answer to the write in frame `seq`: a
+    /// Accounts for the peer's answer to `write`, sent in frame `seq`: a
     /// failure or a lost link leaves the range marked for resync before the
-    /// client hears success. A success is remembered until a barrier makes
-    /// it durable on the peer.
+    /// client hears success, and before its activity-log hold ends. A
+    /// success is remembered until a barrier makes it durable on the peer.
     fn peer_result(
         self: &Arc<Self>,
         link: &Arc<Channel>,
-        (seq, offset, len): (u64, u64, u64),
+        seq: u64,
+        write: VolatileWrite,
         remote: Result<u32, Lost>,
     ) -> Result<(), Error> {
-        match remote {
-            Ok(0) => match link.remember_volatile(seq, offset, len) {
-                Some(()) => {
+        let (offset, len) = (write.offset, write.len);
+        let _unconfirmed = match remote {
+            Ok(0) => match link.remember_volatile(seq, write) {
+                Ok(()) => {
                     self.schedule_barrier(link);
                     return Ok(());
                 }
-                // The session ended before the write could be remembered.
-                None => tracing::debug!(offset, "a session ended as the peer answered a write"),
+                Err(write) => {
+                    tracing::debug!(offset, "a session ended as the peer answered a write");
+                    write
+                }
             },
             Ok(errno) => {
-                tracing::warn!(offset, errno, "the peer failed a write; marked for resync")
+                tracing::warn!(offset, errno, "the peer failed a write; marked for resync");
+                write
             }
-            Err(Lost) => tracing::debug!(
-                offset,
-                "the peer went away with a write in flight; marked for resync"
-            ),
-        }
+            Err(Lost) => {
+                tracing::debug!(
+                    offset,
+                    "the peer went away with a write in flight; marked for resync"
+                );
+                write
+            }
+        };
         self.tracker.mark(offset, len);
         self.peer_missed(link, "the peer did not confirm a write")
     }
@@ -943,8 +958,8 @@ impl Volume {
         if volatile.is_empty() || self.is_diskless() {
             return Ok(());
         }
-        for &(offset, len) in &volatile {
-            self.tracker.mark(offset, len);
+        for write in &volatile {
+            self.tracker.mark(write.offset, write.len);
         }
         tracing::info!(
             writes = volatile.len(),

@@ -22,6 +22,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{AbortOnDrop, FrameReader, PeerError};
+use crate::tracking::LoggedWrite;
 
 /// Bytes sent but not yet confirmed as received, over all links: bounds the
 /// memory kept for resending and the receiver's reordering.
@@ -48,6 +49,14 @@ const RECEIVED_INTERVAL: Duration = Duration::from_millis(5);
 /// Answers waiting for a frame, at most: beyond this, whoever answers
 /// waits, so a stalled window holds back the writes being answered.
 const ACKS_QUEUED_MAX: usize = 4 * ACK_ENTRIES_MAX;
+
+/// A write the peer answered and may not have made durable yet.
+pub struct VolatileWrite {
+    pub offset: u64,
+    pub len: u64,
+    /// Its activity-log extents, held until it is durable on the peer too.
+    pub logged: Option<LoggedWrite>,
+}
 
 /// The peer did not confirm: the channel went away first.
 #[derive(Debug)]
@@ -163,9 +172,9 @@ pub struct Channel {
     /// Bytes written to each link's socket in this session.
     sent_bytes: [AtomicU64; LINKS_MAX],
     /// Writes the peer answered that no barrier it confirmed has yet made
-    /// durable there, as `(offset, len)` by sequence number; `None` once
-    /// taken at the end of the session.
-    volatile: Mutex<Option<BTreeMap<u64, (u64, u64)>>>,
+    /// durable there, by sequence number; `None` once taken at the end of
+    /// the session.
+    volatile: Mutex<Option<BTreeMap<u64, VolatileWrite>>>,
     /// A barrier to make `volatile` durable is on its way or scheduled.
     barrier_scheduled: AtomicBool,
     /// Told when `volatile` holds `VOLATILE_WRITES_MAX` writes.
@@ -223,37 +232,50 @@ impl Channel {
         self.volume_uuid
     }
 
-    /// Remembers a write the peer answered, as `(offset, len)`, until a
-    /// barrier sent after it (`seq`) is confirmed: the peer's disk may hold
-    /// it only in a volatile cache until then. `None` once the session is
-    /// over: the caller must treat the write as unconfirmed.
-    pub fn remember_volatile(&self, seq: u64, offset: u64, len: u64) -> Option<()> {
+    /// Remembers a write the peer answered until a barrier sent after it
+    /// (`seq`) is confirmed: the peer's disk may hold it only in a volatile
+    /// cache until then, so it keeps its activity-log extents too. Handed
+    /// back once the session is over: the caller must treat the write as
+    /// unconfirmed.
+    pub fn remember_volatile(&self, seq: u64, write: VolatileWrite) -> Result<(), VolatileWrite> {
         let mut volatile = self.volatile.lock().unwrap();
-        let writes = volatile.as_mut()?;
-        writes.insert(seq, (offset, len));
+        let Some(writes) = volatile.as_mut() else {
+            return Err(write);
+        };
+        writes.insert(seq, write);
         if writes.len() >= VOLATILE_WRITES_MAX {
             self.volatile_full.notify_one();
         }
-        Some(())
+        Ok(())
     }
 
     /// The peer confirmed the barrier with sequence number `seq`: every
     /// write sent before it is durable there.
     pub fn durable_before(&self, seq: u64) {
-        if let Some(writes) = self.volatile.lock().unwrap().as_mut() {
-            *writes = writes.split_off(&seq);
-        }
+        let durable = match self.volatile.lock().unwrap().as_mut() {
+            Some(writes) => {
+                let later = writes.split_off(&seq);
+                std::mem::replace(writes, later)
+            }
+            None => return,
+        };
+        // Released outside the lock: this ends their activity-log holds.
+        drop(durable);
     }
 
     /// Ends the record at the end of the session: the writes the peer
     /// answered and may still lose (to a power loss, say).
-    pub fn take_volatile(&self) -> Vec<(u64, u64)> {
-        self.volatile
-            .lock()
-            .unwrap()
-            .take()
+    pub fn take_volatile(&self) -> Vec<VolatileWrite> {
+        let taken = self.volatile.lock().unwrap().take();
+        taken
             .map(|writes| writes.into_values().collect())
             .unwrap_or_default()
+    }
+
+    /// Sends the barrier for volatile writes now rather than later: writes
+    /// wait for the activity-log extents they hold.
+    pub fn hurry_barrier(&self) {
+        self.volatile_full.notify_one();
     }
 
     /// Whether any write the peer answered still waits for a barrier.
@@ -886,16 +908,25 @@ mod tests {
     #[tokio::test]
     async fn a_barrier_ends_what_was_volatile_before_it_and_the_rest_is_handed_back() {
         let (a, _inbox) = Channel::new([0; 16], Duration::from_secs(6));
+        let write = |offset, len| VolatileWrite {
+            offset,
+            len,
+            logged: None,
+        };
         for seq in [3, 5, 9] {
-            a.remember_volatile(seq, seq << 12, 4096).unwrap();
+            assert!(a.remember_volatile(seq, write(seq << 12, 4096)).is_ok());
         }
         a.durable_before(5);
-        a.remember_volatile(4, 4 << 12, 512).unwrap(); // answered late
-        let mut left = a.take_volatile();
+        assert!(a.remember_volatile(4, write(4 << 12, 512)).is_ok()); // answered late
+        let mut left: Vec<_> = a
+            .take_volatile()
+            .iter()
+            .map(|w| (w.offset, w.len))
+            .collect();
         left.sort_unstable();
         assert_eq!(left, [(4 << 12, 512), (5 << 12, 4096), (9 << 12, 4096)]);
         assert!(
-            a.remember_volatile(10, 0, 1).is_none(),
+            a.remember_volatile(10, write(0, 1)).is_err(),
             "the session is over"
         );
         assert!(a.take_volatile().is_empty());
