@@ -23,6 +23,16 @@ fn nbdsh(script: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs an nbdsh script that must succeed.
+fn nbdsh_ok(script: &str) {
+    let out = nbdsh(script);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn have_nbdsh() -> bool {
     if !have("nbdsh") {
         return false;
@@ -291,12 +301,7 @@ fn zeroing_more_than_the_activity_log_holds() {
          h.flush()\n",
         res.uri("alpha")
     );
-    let out = nbdsh(&script);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nbdsh_ok(&script);
     assert!(res.disk_holds("beta", 0, DATA_BYTES as usize, 0));
     res.assert_identical();
     let status = res.status("alpha");
@@ -324,12 +329,7 @@ fn nbdsh_export_name_path() {
          h.shutdown()\n",
         res.uri("alpha")
     );
-    let out = nbdsh(&script);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nbdsh_ok(&script);
     assert!(res.disk_holds("alpha", 40960, 8192, 0x5c));
 }
 
@@ -353,12 +353,7 @@ fn client_dying_with_requests_in_flight() {
          os._exit(0)\n",
         res.uri("alpha")
     );
-    let out = nbdsh(&script);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nbdsh_ok(&script);
     assert!(alpha.is_running(), "node died: {}", alpha.log());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

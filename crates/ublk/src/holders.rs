@@ -127,17 +127,26 @@ mod tests {
         }
     }
 
+    /// A loop device over a 1 MiB file in `dir`, and its device number;
+    /// `None` (after saying why) where none can be attached.
+    fn loop_device(dir: &Path) -> Option<(LoopDevice, u64)> {
+        let backing = dir.join("disk");
+        fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+        let Some(device) = LoopDevice::new(&backing) else {
+            skip("no loop device to attach here (needs root, loop and losetup)");
+            return None;
+        };
+        let rdev = fs::metadata(&device.0).unwrap().rdev();
+        Some((device, rdev))
+    }
+
     #[test]
     fn a_process_holding_a_block_device_is_found_and_this_one_is_not() {
         let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
-        let backing = dir.path().join("disk");
-        fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
-        let Some(device) = LoopDevice::new(&backing) else {
-            skip("no loop device to attach here (needs root, loop and losetup)");
+        let Some((device, rdev)) = loop_device(dir.path()) else {
             return;
         };
-        let rdev = fs::metadata(&device.0).unwrap().rdev();
         let ours = fs::File::open(&device.0).unwrap();
         assert!(holders(rdev).is_empty(), "this process is left out");
 
@@ -167,13 +176,9 @@ mod tests {
     fn a_brief_holder_is_waited_for_and_a_lasting_one_is_not() {
         let _serial = one_at_a_time();
         let dir = tempfile::tempdir().unwrap();
-        let backing = dir.path().join("disk");
-        fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
-        let Some(device) = LoopDevice::new(&backing) else {
-            skip("no loop device to attach here (needs root, loop and losetup)");
+        let Some((device, rdev)) = loop_device(dir.path()) else {
             return;
         };
-        let rdev = fs::metadata(&device.0).unwrap().rdev();
         let hold = |seconds: &str| {
             Command::new("sleep")
                 .arg(seconds)
