@@ -5,14 +5,15 @@
 //! Order on the write path: (1) if the write touches an extent outside the
 //! activity log, persist a log transaction naming it (flushing the bitmap
 //! first when that evicts an extent); (2) mark the bitmap in memory; (3)
-//! issue the data write; (4) once both disks have it, or the bitmap marks
-//! what the peer lacks, end the write in the log. An extent with a write
+//! issue the data write; (4) once it is durable on both disks (a barrier
+//! confirmed it on the peer), or the bitmap marks what the peer lacks, end
+//! the write in the log. An extent with a write
 //! between (1) and (4) is never evicted, so after a crash, marking every
 //! extent of the last log transaction dirty covers every unfinished write.
 
-use blkmirror_io::{AlignedBuf, Store};
 use std::sync::Arc;
 
+use blkmirror_io::{AlignedBuf, Store};
 use blkmirror_metadata::activity_log::{self, ActivityLog, Recovered};
 use blkmirror_metadata::bitmap::DirtyBitmap;
 use blkmirror_metadata::{Layout, MetaDevice};
@@ -44,8 +45,8 @@ struct SharedLog {
 }
 
 /// A write the activity log covers: its extents stay in the log until this
-/// is dropped, which the writer does once both disks have the write or the
-/// bitmap marks what the peer lacks.
+/// is dropped, once the write is durable on both disks or the bitmap marks
+/// what the peer lacks.
 pub struct LoggedWrite {
     log: Arc<SharedLog>,
     offset: u64,
@@ -166,8 +167,7 @@ impl ChangeTracker {
                             // Once the log stops naming the evicted extents,
                             // neither their writes nor their bitmap pages may
                             // sit in a cache.
-                            self.write_pages(store).await?;
-                            store.flush().await?;
+                            self.flush_with_data(store).await?;
                         }
                         let slot = AlignedBuf::from_slice(&transaction.slot);
                         store.write(transaction.disk_offset, slot, true).await?;
@@ -180,8 +180,7 @@ impl ChangeTracker {
                 }
                 Err(_) if peer_missing => {
                     self.bitmap.lock().unwrap().mark(offset, len);
-                    self.write_pages(store).await?;
-                    store.flush().await?;
+                    self.flush_with_data(store).await?;
                     return Ok(None);
                 }
                 // Waits without holding up other writes' transactions.
@@ -200,6 +199,13 @@ impl ChangeTracker {
             store.flush().await?;
         }
         Ok(())
+    }
+
+    /// Writes every changed bitmap page and flushes the disk even if none
+    /// changed, so that the data written before is durable too.
+    async fn flush_with_data(&self, store: &Store) -> Result<(), Error> {
+        self.write_pages(store).await?;
+        Ok(store.flush().await?)
     }
 
     /// Writes every changed bitmap page; true if there were any.

@@ -455,19 +455,8 @@ impl Volume {
             state.role = Role::Secondary;
         }
         let _ = link.send(&self.state_message()).await;
-        let barrier = Message::Barrier {
-            epoch: link.next_epoch(),
-        };
-        let goodbye = async {
-            let reply = link.enqueue(&barrier).await?;
-            let seq = reply.seq();
-            reply.written().await.map(|errno| (seq, errno))
-        };
-        match tokio::time::timeout(GOODBYE_WAIT, goodbye).await {
-            Ok(Ok((seq, 0))) => {
-                link.durable_before(seq);
-                tracing::info!("the peer knows this node is primary no longer")
-            }
+        match tokio::time::timeout(GOODBYE_WAIT, link.barrier()).await {
+            Ok(Ok(0)) => tracing::info!("the peer knows this node is primary no longer"),
             _ => tracing::warn!(
                 "the peer did not confirm the goodbye: it will need `primary --force` to take over"
             ),
@@ -887,23 +876,11 @@ impl Volume {
     }
 
     /// Sends a barrier and waits until the peer has made every write sent
-    /// before it durable. If it fails, all the peer has is marked for resync.
+    /// before it durable. If it fails, the session ends, which marks the
+    /// writes it would have covered.
     async fn barrier(&self, link: &Arc<Channel>) -> Result<(), Error> {
-        let barrier = Message::Barrier {
-            epoch: link.next_epoch(),
-        };
-        let answer = match link.enqueue(&barrier).await {
-            Ok(reply) => {
-                let seq = reply.seq();
-                reply.written().await.map(|errno| (seq, errno))
-            }
-            Err(Lost) => Err(Lost),
-        };
-        match answer {
-            Ok((seq, 0)) => {
-                link.durable_before(seq);
-                Ok(())
-            }
+        match link.barrier().await {
+            Ok(0) => Ok(()),
             _ => {
                 // What it answered since its last confirmed barrier is
                 // remembered, and marked as the session ends.

@@ -307,9 +307,17 @@ impl Channel {
         }
     }
 
-    /// A fresh epoch number for a barrier.
-    pub fn next_epoch(&self) -> u64 {
-        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
+    /// Sends a barrier and waits for the peer's answer: 0 once every frame
+    /// sent before it is durable there, which ends what is volatile.
+    pub async fn barrier(&self) -> Result<u32, Lost> {
+        let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        let reply = self.enqueue(&Message::Barrier { epoch }).await?;
+        let seq = reply.seq();
+        let errno = reply.written().await?;
+        if errno == 0 {
+            self.durable_before(seq);
+        }
+        Ok(errno)
     }
 
     /// Queues `message` for an answer. Once this returns, the message is

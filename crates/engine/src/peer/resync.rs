@@ -258,17 +258,10 @@ impl Answered {
         self.bytes = 0;
         let (volume, link) = (volume.clone(), link.clone());
         barriers.spawn(async move {
-            let barrier = Message::Barrier {
-                epoch: link.next_epoch(),
-            };
-            let lost = |_: Lost| "link lost during resync".to_string();
             let errno = link
-                .enqueue(&barrier)
+                .barrier()
                 .await
-                .map_err(lost)?
-                .written()
-                .await
-                .map_err(lost)?;
+                .map_err(|_: Lost| "link lost during resync".to_string())?;
             if errno != 0 {
                 return Err(format!("peer failed to flush resync data: errno {errno}"));
             }
