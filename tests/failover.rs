@@ -244,11 +244,7 @@ async fn split_brain_is_resolved_by_discarding_one_side() {
     assert_eq!(beta_dirty, 1 << 20);
     let (alpha_before, beta_before) = (res.data_area("alpha"), res.data_area("beta"));
     res.ok("beta", &["connect"]);
-    let status = res.wait_status("alpha", "split brain", |s| {
-        s["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("split brain"))
-    });
+    let status = res.wait_error("alpha", "split brain");
     let advice = status["last_error"].as_str().unwrap();
     assert!(advice.contains("--discard-my-data"), "{advice}");
     assert!(
@@ -331,11 +327,7 @@ async fn a_failing_secondary_disk_is_detached_and_replaced() {
 
     let beta_status = res.wait_status("beta", "a detached disk", |s| s["disk_state"] == "Diskless");
     assert_eq!(beta_status["role"], "Secondary");
-    let alpha_status = res.wait_status("alpha", "a diskless peer", |s| {
-        s["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("Diskless"))
-    });
+    let alpha_status = res.wait_error("alpha", "Diskless");
     assert_ne!(alpha_status["replication"], "Established", "{alpha_status}");
     assert!(
         alpha_status["out_of_sync_bytes"].as_u64().unwrap() > 0,

@@ -157,17 +157,18 @@ fn two_links_share_the_traffic() {
     let (_alpha, _beta) = synced_pair(&res);
     let before = both_links_up(&res, "alpha");
     both_links_up(&res, "beta");
-    run(Command::new("fio").current_dir(res.dir.path()).args([
-        "--name=share",
-        "--ioengine=nbd",
-        &format!("--uri={}", res.uri("alpha")),
-        "--rw=write",
-        "--bs=256k",
-        "--size=32M",
-        "--iodepth=16",
-        "--verify=crc32c",
-        "--verify_state_save=0",
-    ]));
+    run(&mut res.fio(
+        "alpha",
+        &[
+            "--name=share",
+            "--rw=write",
+            "--bs=256k",
+            "--size=32M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+        ],
+    ));
     let after = res.json("alpha", &["status", "--json"]);
     for link in 0..2 {
         let carried = sent_bytes(&after, link) - sent_bytes(&before, link);
@@ -199,20 +200,20 @@ fn a_link_cut_under_load_loses_nothing() {
     assert_eq!(sessions(&alpha), 1, "{}", alpha.log());
 
     // About 8 s of writes at 8 MiB/s, then fio reads everything back.
-    let mut fio = Command::new("fio")
-        .current_dir(res.dir.path())
-        .args([
-            "--name=cut",
-            "--ioengine=nbd",
-            &format!("--uri={}", res.uri("alpha")),
-            "--rw=randwrite",
-            "--bs=64k",
-            "--size=64M",
-            "--rate=8m",
-            "--iodepth=8",
-            "--verify=crc32c",
-            "--verify_state_save=0",
-        ])
+    let mut fio = res
+        .fio(
+            "alpha",
+            &[
+                "--name=cut",
+                "--rw=randwrite",
+                "--bs=64k",
+                "--size=64M",
+                "--rate=8m",
+                "--iodepth=8",
+                "--verify=crc32c",
+                "--verify_state_save=0",
+            ],
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

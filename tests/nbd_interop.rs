@@ -256,20 +256,21 @@ fn fio_nbd_engine_verifies_crc32c() {
     }
     let res = Resource::new();
     let _alpha = res.primary("alpha");
-    let out = run(Command::new("fio").current_dir(res.dir.path()).args([
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={}", res.uri("alpha")),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=16M",
-        "--iodepth=16",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        "--output-format=json",
-    ]));
+    let out = run(&mut res.fio(
+        "alpha",
+        &[
+            "--name=verify",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--output-format=json",
+        ],
+    ));
     let json_start = out.find('{').expect("fio printed JSON");
     let report: serde_json::Value = serde_json::from_str(&out[json_start..]).unwrap();
     let job = &report["jobs"][0];

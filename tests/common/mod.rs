@@ -363,6 +363,24 @@ impl Resource {
         }
     }
 
+    /// Waits until a node's `last_error` mentions `words`.
+    pub fn wait_error(&self, node: &str, words: &str) -> serde_json::Value {
+        self.wait_status(node, &format!("an error about {words}"), |s| {
+            s["last_error"].as_str().is_some_and(|e| e.contains(words))
+        })
+    }
+
+    /// Runs fio's nbd engine against a node's export, in the test's
+    /// directory; `args` add the job.
+    pub fn fio(&self, node: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("fio");
+        cmd.current_dir(self.dir.path())
+            .arg("--ioengine=nbd")
+            .arg(format!("--uri={}", self.uri(node)))
+            .args(args);
+        cmd
+    }
+
     /// Waits until a node reports replication Established.
     pub fn wait_established(&self, node: &str) -> serde_json::Value {
         self.wait_status(node, "Established", |s| s["replication"] == "Established")
