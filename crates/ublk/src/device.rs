@@ -201,10 +201,9 @@ impl Export {
 
     /// Removes the device unless something holds it: a mounted file
     /// system, an exclusive opener, or any process with it open for longer
-    /// than `HOLDERS_GRACE`. The check
-    /// holds the device exclusively until it is gone, so nothing can mount
-    /// it in between (a plain open in that moment still can). Refused, the
-    /// export comes back. Blocking.
+    /// than `HOLDERS_GRACE`. The check holds the device exclusively until it
+    /// is gone, so nothing can mount it in between (a plain open in that
+    /// moment still can). Refused, the export comes back. Blocking.
     pub fn remove_unless_in_use(self) -> Result<(), (Box<Export>, Error)> {
         let claim = std::fs::OpenOptions::new()
             .read(true)
