@@ -351,6 +351,39 @@ async fn a_failing_secondary_disk_is_detached_and_replaced() {
     work.verify("beta's new disk", &res.data_area("beta"));
 }
 
+/// Matrix 5, the secondary's disk hangs: the secondary still pings but
+/// answers nothing. The primary ends the session after `ANSWER_TIMEOUTS`
+/// timeouts and goes on alone, with no client error, marking what was not
+/// answered; once the disk returns, a resync makes the replicas identical.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_whose_disk_hangs_is_left_behind_and_resynced_later() {
+    let res = Resource::new();
+    let (_alpha, _beta) = synced_pair(&res);
+    let mut work = Stamped::new(BLOCKS);
+    run_to_end(&res, &mut work, "alpha", 300).await;
+    let data_area = format!("stall-write={DATA_OFFSET}-{DISK_BYTES}");
+    res.ok("beta", &["fault", &data_area]);
+    run_to_end(&res, &mut work, "alpha", 300).await;
+
+    let alpha_status = res.wait_error("alpha", "answered none");
+    assert_eq!(alpha_status["disk_state"], "UpToDate");
+    assert!(
+        alpha_status["out_of_sync_bytes"].as_u64().unwrap() > 0,
+        "what beta did not answer is marked: {alpha_status}"
+    );
+    work.verify("alpha, which went on alone", &res.data_area("alpha"));
+
+    // The disk returns: its held writes land, and a resync follows.
+    res.ok("beta", &["fault", "none"]);
+    res.wait_status("alpha", "the resync once beta's disk returned", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    res.wait_established("beta");
+    res.assert_identical();
+    work.verify("beta after its disk returned", &res.data_area("beta"));
+}
+
 /// Matrix 5, the primary's disk: its reads and writes fail, so it detaches
 /// the disk and goes on as a diskless primary, reading and writing through
 /// its peer, with no client error. To replace the disk the operator moves

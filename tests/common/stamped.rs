@@ -66,9 +66,12 @@ impl Stamped {
             let block = version.wrapping_mul(2_654_435_761) % blocks;
             self.sent[block as usize] = version;
             let data = Self::block_data(block, version);
-            match client.write(block * BLOCK as u64, &data, false).await {
-                Ok(()) => self.acked[block as usize] = version,
-                Err(_) => return Ended::Broke,
+            // A write that never completes ends the run too, at the limit.
+            let write = client.write(block * BLOCK as u64, &data, false);
+            match tokio::time::timeout_at(deadline.into(), write).await {
+                Ok(Ok(())) => self.acked[block as usize] = version,
+                Ok(Err(_)) => return Ended::Broke,
+                Err(_) => return Ended::OutOfTime,
             }
         }
         let _ = client.disconnect().await;

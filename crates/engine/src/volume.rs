@@ -152,7 +152,9 @@ impl metadata::MetaDevice for MetaFile {
         {
             use blkmirror_io::faults;
             match faults::write_fate(offset, buf.len() as u64) {
-                faults::Fate::Persist => {}
+                // Metadata is written synchronously: a stall would hold a
+                // runtime thread, so it applies to data writes only.
+                faults::Fate::Persist | faults::Fate::Stall => {}
                 faults::Fate::Drop => return Ok(()),
                 faults::Fate::Fail => return Err(faults::injected_error()),
             }

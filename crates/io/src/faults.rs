@@ -11,12 +11,16 @@
 //! - `fail-write=START-END`: writes touching `[START, END)` fail with EIO;
 //! - `fail-read=START-END`: reads touching `[START, END)` fail with EIO;
 //! - `fail-write-after=N`: every write after the Nth fails with EIO;
+//! - `stall-write=START-END`: data writes touching `[START, END)` wait
+//!   until the rules change (a hung disk); metadata writes are not held;
 //! - `none`: clears every rule.
 //!
 //! Every write counts: data, bitmap pages, activity-log slots, superblocks.
 
 use std::ops::Range;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+
+use tokio::sync::watch;
 
 /// What becomes of a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +29,8 @@ pub enum Fate {
     /// Reported done, never written.
     Drop,
     Fail,
+    /// Held until the rules change, then written.
+    Stall,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -33,6 +39,7 @@ pub struct Faults {
     fail_write_after: Option<u64>,
     fail_writes: Vec<Range<u64>>,
     fail_reads: Vec<Range<u64>>,
+    stall_writes: Vec<Range<u64>>,
     /// Writes seen so far.
     writes: u64,
 }
@@ -57,6 +64,7 @@ pub fn set(spec: &str) -> Result<(), String> {
         let writes = faults.writes;
         *faults = Faults { writes, ..new };
     });
+    rules_changed().send_modify(|generation| *generation += 1);
     tracing::warn!(spec, "fault injection rules set");
     Ok(())
 }
@@ -64,6 +72,24 @@ pub fn set(spec: &str) -> Result<(), String> {
 /// Decides the fate of a write of `len` bytes at `offset`, and counts it.
 pub fn write_fate(offset: u64, len: u64) -> Fate {
     with(|faults| faults.write_fate(offset, len))
+}
+
+/// Counts rule changes, for stalled writes to wait on.
+fn rules_changed() -> &'static watch::Sender<u64> {
+    static CHANGED: OnceLock<watch::Sender<u64>> = OnceLock::new();
+    CHANGED.get_or_init(|| watch::channel(0).0)
+}
+
+/// Waits until no rule stalls a write of `len` bytes at `offset`.
+pub async fn stalled(offset: u64, len: u64) {
+    loop {
+        // Subscribed before the check, so no change falls in between.
+        let mut changed = rules_changed().subscribe();
+        if !with(|faults| overlaps(&faults.stall_writes, offset, len)) {
+            return;
+        }
+        let _ = changed.changed().await;
+    }
 }
 
 /// Whether a read of `len` bytes at `offset` fails.
@@ -111,6 +137,7 @@ impl Faults {
                 "fail-write-after" => faults.fail_write_after = Some(number(value)?),
                 "fail-write" => faults.fail_writes.push(range(value)?),
                 "fail-read" => faults.fail_reads.push(range(value)?),
+                "stall-write" => faults.stall_writes.push(range(value)?),
                 _ => return Err(format!("unknown fault rule {rule:?}")),
             }
         }
@@ -126,6 +153,8 @@ impl Faults {
             Fate::Fail
         } else if self.persist.is_some_and(|persist| n > persist) {
             Fate::Drop
+        } else if overlaps(&self.stall_writes, offset, len) {
+            Fate::Stall
         } else {
             Fate::Persist
         }
@@ -147,6 +176,9 @@ mod tests {
             Fate::Drop,
             "[90, 100) misses the range"
         );
+        let mut f = Faults::parse("stall-write=100-200").unwrap();
+        assert_eq!(f.write_fate(150, 1), Fate::Stall);
+        assert_eq!(f.write_fate(200, 1), Fate::Persist);
         let mut f = Faults::parse("fail-write-after=1").unwrap();
         assert_eq!(f.write_fate(0, 1), Fate::Persist);
         assert_eq!(f.write_fate(0, 1), Fate::Fail);

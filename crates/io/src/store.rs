@@ -87,6 +87,7 @@ impl Store {
             crate::faults::Fate::Persist => {}
             crate::faults::Fate::Drop => return Ok(buf),
             crate::faults::Fate::Fail => return Err(injected("write", offset)),
+            crate::faults::Fate::Stall => crate::faults::stalled(offset, buf.len() as u64).await,
         }
         match self {
             Store::Uring(s) => s.write(offset, buf, fua).await,
@@ -110,6 +111,7 @@ impl Store {
             crate::faults::Fate::Persist => {}
             crate::faults::Fate::Drop => return Ok(()),
             crate::faults::Fate::Fail => return Err(injected("zeroing", offset)),
+            crate::faults::Fate::Stall => crate::faults::stalled(offset, len).await,
         }
         let file = self.file().clone();
         tokio::task::spawn_blocking(move || file.zero_range(offset, len, unmap))

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blkmirror_config::LINKS_MAX;
 use blkmirror_proto::message::ACK_ENTRIES_MAX;
@@ -21,7 +21,7 @@ use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::{AbortOnDrop, FrameReader, PeerError};
+use super::{AbortOnDrop, FrameReader, PeerError, ReceivedFrame};
 use crate::tracking::LoggedWrite;
 
 /// Bytes sent but not yet confirmed as received, over all links: bounds the
@@ -34,9 +34,6 @@ const _: () = assert!(
     blkmirror_proto::PAYLOAD_MAX_BYTES as usize + blkmirror_proto::HEADER_BYTES
         <= UNCONFIRMED_BYTES_MAX
 );
-/// Frames the receiver holds out of order before it calls the peer broken
-/// (the sender's window keeps an honest peer far below this).
-const REORDER_FRAMES_MAX: usize = 1 << 17;
 /// Frames handed to the socket in one system call, at most.
 const WRITE_BATCH_FRAMES: usize = 64;
 /// Writes the peer answered before a barrier confirms them durable, at
@@ -44,6 +41,11 @@ const WRITE_BATCH_FRAMES: usize = 64;
 const VOLATILE_WRITES_MAX: usize = 4096;
 /// How long a write the peer answered waits for a barrier, at most.
 const VOLATILE_AGE_MAX: Duration = Duration::from_secs(2);
+/// How many `timeout`s the peer may go without answering any of the frames
+/// that wait for it (its disk hung, say) before the session ends and what
+/// they wrote is marked for resync, as DRBD's `ko-count` does. Pings alone
+/// do not keep a peer that answers nothing.
+const ANSWER_TIMEOUTS: u32 = 5;
 /// How often the receiver confirms what it has taken.
 const RECEIVED_INTERVAL: Duration = Duration::from_millis(5);
 /// Answers waiting for a frame, at most: beyond this, whoever answers
@@ -76,6 +78,21 @@ impl Waiter {
             let _ = tx.send(());
         }
         let _ = self.written.send(Answer { errno, data });
+    }
+}
+
+/// The frames waiting for the peer's answer.
+struct Pending {
+    waiters: HashMap<u64, Waiter>,
+    /// When the peer last answered one, or began to owe answers.
+    progress: Instant,
+}
+
+impl Pending {
+    fn answered(&mut self, seq: u64) -> Option<Waiter> {
+        let waiter = self.waiters.remove(&seq)?;
+        self.progress = Instant::now();
+        Some(waiter)
     }
 }
 
@@ -155,11 +172,14 @@ pub struct Channel {
     timeout: Duration,
     send: Mutex<SendState>,
     window: Arc<Semaphore>,
-    pending: Mutex<HashMap<u64, Waiter>>,
+    pending: Mutex<Pending>,
     acks: Mutex<OutgoingAcks>,
     /// Told when answers leave the queue (or are dropped).
     acks_taken: Notify,
-    incoming: mpsc::UnboundedSender<(u64, Message)>,
+    /// Sequenced frames received and not yet taken by the inbox.
+    arrivals: Mutex<Arrivals>,
+    /// Told when the frame the inbox takes next has arrived.
+    arrived: Notify,
     /// Highest sequence number taken in order, and the last one confirmed
     /// on each link (every link confirms, so a link that died unnoticed
     /// does not hold the sender's window).
@@ -184,15 +204,56 @@ pub struct Channel {
 /// The receiving end: sequenced messages in order.
 pub struct Inbox {
     channel: Arc<Channel>,
-    incoming: mpsc::UnboundedReceiver<(u64, Message)>,
-    next: u64,
-    early: BTreeMap<u64, Message>,
     closed: watch::Receiver<Option<String>>,
+}
+
+/// Sequenced frames received from every link, waiting to be taken in order.
+///
+/// An honest peer never has more unconfirmed than its window, and nothing
+/// here is confirmed yet, so these frames fit in `WINDOW_UNITS` counted as
+/// the sender counts them. A peer that sends more is broken (or hostile):
+/// it loses the session instead of making this node hold without bound.
+struct Arrivals {
+    /// The sequence number the inbox takes next.
+    next: u64,
+    /// Frames at or after `next`, with the window units each one costs.
+    frames: BTreeMap<u64, (Message, usize)>,
+    units: usize,
+}
+
+impl Arrivals {
+    /// Keeps frame `seq`, unless it is a copy of one already here or taken
+    /// (sent again after a link died). True if it is the one taken next.
+    fn keep(&mut self, seq: u64, message: Message, wire_bytes: usize) -> Result<bool, String> {
+        if seq < self.next || self.frames.contains_key(&seq) {
+            return Ok(false);
+        }
+        let units = wire_bytes.div_ceil(WINDOW_UNIT_BYTES);
+        if self.units + units > WINDOW_UNITS {
+            return Err(format!(
+                "the peer sent more than its {UNCONFIRMED_BYTES_MAX}-byte window \
+                 ahead of frame {}: {} frames held",
+                self.next,
+                self.frames.len()
+            ));
+        }
+        self.units += units;
+        self.frames.insert(seq, (message, units));
+        Ok(seq == self.next)
+    }
+
+    /// The frame numbered `next`, if it has arrived.
+    fn take(&mut self) -> Option<(u64, Message)> {
+        let seq = self.next;
+        let (message, units) = self.frames.remove(&seq)?;
+        self.units -= units;
+        self.next += 1;
+        Some((seq, message))
+    }
 }
 
 impl Channel {
     pub fn new(volume_uuid: [u8; 16], timeout: Duration) -> (Arc<Channel>, Inbox) {
-        let (incoming, incoming_rx) = mpsc::unbounded_channel();
         let channel = Arc::new(Channel {
             volume_uuid,
             timeout,
@@ -204,10 +265,18 @@ impl Channel {
                 closed: false,
             }),
             window: Arc::new(Semaphore::new(WINDOW_UNITS)),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending {
+                waiters: HashMap::new(),
+                progress: Instant::now(),
+            }),
             acks: Mutex::default(),
             acks_taken: Notify::new(),
-            incoming,
+            arrivals: Mutex::new(Arrivals {
+                next: 1,
+                frames: BTreeMap::new(),
+                units: 0,
+            }),
+            arrived: Notify::new(),
             taken: AtomicU64::new(0),
             confirmed: Default::default(),
             links_up: watch::channel([false; LINKS_MAX]).0,
@@ -220,9 +289,6 @@ impl Channel {
         });
         let inbox = Inbox {
             channel: channel.clone(),
-            incoming: incoming_rx,
-            next: 1,
-            early: BTreeMap::new(),
             closed: channel.closed.subscribe(),
         };
         (channel, inbox)
@@ -376,10 +442,11 @@ impl Channel {
             } else {
                 (None, None)
             };
-            self.pending
-                .lock()
-                .unwrap()
-                .insert(seq, Waiter { received, written });
+            let mut pending = self.pending.lock().unwrap();
+            if pending.waiters.is_empty() {
+                pending.progress = Instant::now();
+            }
+            pending.waiters.insert(seq, Waiter { received, written });
             Reply {
                 seq,
                 received: received_rx,
@@ -456,12 +523,13 @@ impl Channel {
         for entry in entries {
             match entry.kind {
                 AckKind::Received => {
-                    if let Some(tx) = pending.get_mut(&entry.seq).and_then(|w| w.received.take()) {
+                    let waiter = pending.waiters.get_mut(&entry.seq);
+                    if let Some(tx) = waiter.and_then(|w| w.received.take()) {
                         let _ = tx.send(());
                     }
                 }
                 AckKind::Written => {
-                    if let Some(waiter) = pending.remove(&entry.seq) {
+                    if let Some(waiter) = pending.answered(entry.seq) {
                         waiter.finish(entry.errno, Vec::new());
                     }
                 }
@@ -471,7 +539,7 @@ impl Channel {
 
     /// Routes the peer's final answer to frame `seq`, with data (a `Read`'s).
     pub fn answer_with_data(&self, seq: u64, errno: u32, data: Vec<u8>) {
-        if let Some(waiter) = self.pending.lock().unwrap().remove(&seq) {
+        if let Some(waiter) = self.pending.lock().unwrap().answered(seq) {
             waiter.finish(errno, data);
         }
     }
@@ -608,7 +676,7 @@ impl Channel {
             std::mem::take(&mut send.links)
         };
         self.window.close();
-        self.pending.lock().unwrap().clear();
+        self.pending.lock().unwrap().waiters.clear();
         self.links_up.send_replace([false; LINKS_MAX]);
         self.closed.send_if_modified(|closed| {
             if closed.is_none() {
@@ -667,25 +735,63 @@ impl Channel {
 
     async fn read_link(self: Arc<Self>, index: usize, generation: u64, mut reader: FrameReader) {
         let reason = loop {
-            match reader.next_with_seq().await {
-                Ok((0, Message::Received { upto })) => {
+            let frame = match reader.next_frame().await {
+                Ok(frame) => frame,
+                Err(e) => break e.to_string(),
+            };
+            match frame {
+                ReceivedFrame {
+                    seq: 0,
+                    message: Message::Received { upto },
+                    ..
+                } => {
                     if let Err(e) = self.confirm(upto) {
                         break e;
                     }
                 }
-                Ok((0, Message::Ping { .. } | Message::Pong { .. })) => {}
-                Ok((0, other)) => {
-                    break format!("unexpected unsequenced {other:?}");
+                ReceivedFrame {
+                    seq: 0,
+                    message: Message::Ping { .. } | Message::Pong { .. },
+                    ..
+                } => {}
+                ReceivedFrame {
+                    seq: 0, message, ..
+                } => {
+                    break format!("unexpected unsequenced {message:?}");
                 }
-                Ok((seq, message)) => {
-                    if self.incoming.send((seq, message)).is_err() {
-                        return;
+                ReceivedFrame {
+                    seq,
+                    message,
+                    wire_bytes,
+                } => {
+                    let kept = self.arrivals.lock().unwrap().keep(seq, message, wire_bytes);
+                    match kept {
+                        Ok(true) => self.arrived.notify_one(),
+                        Ok(false) => {}
+                        Err(e) => {
+                            // Not the link's fault: the peer is broken.
+                            self.close(&e);
+                            return;
+                        }
                     }
                 }
-                Err(e) => break e.to_string(),
             }
         };
         self.link_down(index, generation, &reason);
+    }
+
+    /// Says why, if frames have waited longer than `limit` with no answer
+    /// to any of them.
+    fn unanswered_for(&self, limit: Duration) -> Option<String> {
+        let pending = self.pending.lock().unwrap();
+        let waited = pending.progress.elapsed();
+        (!pending.waiters.is_empty() && waited > limit).then(|| {
+            format!(
+                "the peer answered none of {} frames in {:.0?}: its disk may hang",
+                pending.waiters.len(),
+                waited
+            )
+        })
     }
 
     /// Keeps the link visibly alive, and confirms what the inbox has taken.
@@ -701,6 +807,10 @@ impl Channel {
                 self.send_unsequenced(Some(index), &Message::Received { upto: taken });
             }
             if last_ping.elapsed() >= ping_every {
+                if let Some(silence) = self.unanswered_for(self.timeout * ANSWER_TIMEOUTS) {
+                    self.close(&silence);
+                    return;
+                }
                 last_ping = tokio::time::Instant::now();
                 token += 1;
                 self.send_unsequenced(Some(index), &Message::Ping { token });
@@ -720,38 +830,20 @@ impl Inbox {
     /// The next sequenced message, in order.
     pub async fn next(&mut self) -> Result<(u64, Message), PeerError> {
         loop {
-            if let Some(message) = self.early.remove(&self.next) {
-                return Ok(self.take(message));
+            if let Some(reason) = self.closed.borrow().clone() {
+                return Err(PeerError::LinksLost(reason));
             }
-            let (seq, message) = tokio::select! {
-                item = self.incoming.recv() => item.expect("the channel holds the sender"),
-                closed = self.closed.wait_for(|c| c.is_some()) => {
-                    let reason = closed.map(|c| c.clone().unwrap_or_default()).unwrap_or_default();
-                    return Err(PeerError::LinksLost(reason));
-                }
-            };
-            if seq == self.next {
-                return Ok(self.take(message));
+            let taken = self.channel.arrivals.lock().unwrap().take();
+            if let Some((seq, message)) = taken {
+                self.channel.taken.store(seq, Ordering::Relaxed);
+                return Ok((seq, message));
             }
-            if seq > self.next {
-                if self.early.len() >= REORDER_FRAMES_MAX {
-                    return Err(PeerError::Wire(format!(
-                        "peer left a gap at frame {} with {} frames after it",
-                        self.next,
-                        self.early.len()
-                    )));
-                }
-                self.early.insert(seq, message);
+            // A wake-up given before this wait is kept for it (`notify_one`).
+            tokio::select! {
+                _ = self.channel.arrived.notified() => {}
+                _ = self.closed.changed() => {}
             }
-            // Below `next`: a frame resent after a link died; already taken.
         }
-    }
-
-    fn take(&mut self, message: Message) -> (u64, Message) {
-        let seq = self.next;
-        self.next += 1;
-        self.channel.taken.store(seq, Ordering::Relaxed);
-        (seq, message)
     }
 }
 
@@ -829,8 +921,15 @@ mod tests {
 
     /// Two channels joined by `links` connections.
     async fn pair(links: usize) -> ((Arc<Channel>, Inbox), (Arc<Channel>, Inbox)) {
-        let a = Channel::new(UUID, Duration::from_secs(2));
-        let b = Channel::new(UUID, Duration::from_secs(2));
+        pair_timed(links, Duration::from_secs(2)).await
+    }
+
+    async fn pair_timed(
+        links: usize,
+        timeout: Duration,
+    ) -> ((Arc<Channel>, Inbox), (Arc<Channel>, Inbox)) {
+        let a = Channel::new(UUID, timeout);
+        let b = Channel::new(UUID, timeout);
         for index in 0..links {
             let ((ra, wa), (rb, wb)) = connection().await;
             a.0.attach(index, ra, wa);
@@ -911,6 +1010,113 @@ mod tests {
         })
         .await
         .expect("every frame confirmed");
+    }
+
+    /// Why `channel` closes, once it does.
+    async fn closing_reason(channel: &Channel) -> String {
+        let mut closed = channel.closed.subscribe();
+        let reason =
+            tokio::time::timeout(Duration::from_secs(10), closed.wait_for(Option::is_some))
+                .await
+                .expect("closed in time")
+                .unwrap()
+                .clone();
+        reason.unwrap()
+    }
+
+    /// A frame of `units` window units exactly, numbered `seq`.
+    fn frame_of_units(seq: u64, units: usize) -> Vec<u8> {
+        let overhead = blkmirror_proto::encode_frame(&write_of(0, 0), UUID, seq).len();
+        let frame = blkmirror_proto::encode_frame(
+            &write_of(seq, units * WINDOW_UNIT_BYTES - overhead),
+            UUID,
+            seq,
+        );
+        assert_eq!(frame.len(), units * WINDOW_UNIT_BYTES);
+        frame
+    }
+
+    fn write_of(seq: u64, len: usize) -> Message {
+        Message::Write {
+            offset: seq * 4096,
+            flags: 0,
+            data: vec![seq as u8; len],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_beyond_its_window_loses_the_session() {
+        let (b, mut b_inbox) = Channel::new(UUID, Duration::from_secs(2));
+        let ((reader, writer), (_raw_reader, mut raw)) = connection().await;
+        b.attach(0, reader, writer);
+        // Frames 1 to 65 fill the window exactly; 1 comes last.
+        let units = |seq| match seq {
+            1 => 1,
+            65 => WINDOW_UNITS / 64 - 1,
+            _ => WINDOW_UNITS / 64,
+        };
+        for seq in 2..=65 {
+            raw.write_all(&frame_of_units(seq, units(seq)))
+                .await
+                .unwrap();
+        }
+        // Copies of frames already held (as a redialled link resends) cost
+        // nothing.
+        for seq in [2, 30, 65] {
+            raw.write_all(&frame_of_units(seq, units(seq)))
+                .await
+                .unwrap();
+        }
+        raw.write_all(&frame_of_units(1, 1)).await.unwrap();
+        raw.flush().await.unwrap();
+        let (seq, message) = tokio::time::timeout(Duration::from_secs(10), b_inbox.next())
+            .await
+            .expect("frame 1 in time")
+            .unwrap();
+        assert_eq!(seq, 1);
+        assert!(matches!(message, Message::Write { offset: 4096, .. }));
+        assert!(!b.is_closed(), "a full window and copies are within bounds");
+        assert_eq!(b.arrivals.lock().unwrap().units, WINDOW_UNITS - 1);
+        // Frame 1 taken frees its unit, and no more: two is a broken peer.
+        raw.write_all(&frame_of_units(66, 2)).await.unwrap();
+        raw.flush().await.unwrap();
+        let reason = closing_reason(&b).await;
+        assert!(reason.contains("window"), "{reason}");
+        assert!(
+            matches!(b_inbox.next().await, Err(PeerError::LinksLost(_))),
+            "the inbox ends with the session"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_takes_frames_but_answers_none_loses_the_session() {
+        let timeout = Duration::from_millis(150);
+        let deadline = timeout * ANSWER_TIMEOUTS;
+        let ((a, mut a_inbox), (b, mut b_inbox)) = pair_timed(1, timeout).await;
+        // Answered writes keep the session well past the deadline.
+        let start = Instant::now();
+        while start.elapsed() < deadline * 2 {
+            let reply = a.enqueue(&write(1)).await.unwrap();
+            let (seq, _) = b_inbox.next().await.unwrap();
+            b.acknowledge(seq, AckKind::Written, 0).await;
+            let (arrived, _) = answers(&mut a_inbox, 1).await;
+            a.answer(&arrived);
+            let answer = tokio::time::timeout(Duration::from_secs(10), reply.written()).await;
+            assert_eq!(answer.expect("answered in time").unwrap(), 0);
+            tokio::time::sleep(timeout / 2).await;
+        }
+        assert!(!a.is_closed());
+        // Then b takes a write and never answers it, while its pings go on.
+        let reply = a.enqueue(&write(2)).await.unwrap();
+        let (_, message) = b_inbox.next().await.unwrap();
+        assert_eq!(message, write(2));
+        let reason = closing_reason(&a).await;
+        assert!(reason.contains("answered none of 1 frames"), "{reason}");
+        assert!(start.elapsed() > deadline * 2 + deadline);
+        assert!(
+            reply.written().await.is_err(),
+            "the write is lost, not answered"
+        );
     }
 
     #[tokio::test]

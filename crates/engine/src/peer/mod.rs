@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 pub use channel::{Channel, Lost, Reply, VolatileWrite};
 use resync::{ChunkKind, CHECKSUM_DIFFERS};
@@ -44,6 +44,11 @@ const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(2);
 const REFUSED_RETRY_DELAY: Duration = Duration::from_secs(10);
 /// Replicated writes being applied at once on this node.
 const APPLYING_MAX: u32 = 128;
+/// Bytes of data those writes hold, at most.
+const APPLYING_BYTES_MAX: u32 = 64 << 20;
+const _: () = assert!(blkmirror_proto::PAYLOAD_MAX_BYTES <= APPLYING_BYTES_MAX);
+/// Flushes for the peer's barriers running at once.
+const FLUSHING_MAX: u32 = 4;
 /// Link connections between accepting and their handshake.
 const ARRIVALS_QUEUED_MAX: usize = 2 * LINKS_MAX;
 /// Link handshakes under way at once on one listening link.
@@ -58,6 +63,13 @@ pub const STATE_DISKLESS: u8 = 1;
 /// The most the peer may have this node read at once: a diskless peer's
 /// `Read`, or the chunk of a `ResyncChecksum`.
 const READ_MAX_BYTES: u32 = 4 << 20;
+/// Bytes read for the peer's `Read`s and `ResyncChecksum`s and not yet
+/// answered, at most. An honest peer asks for far less at once (a resync
+/// has 16 MiB in flight). Each read counts as a page at least, which also
+/// bounds how many run.
+const READING_BYTES_MAX: u32 = 64 << 20;
+const READ_CHARGE_MIN_BYTES: u32 = 4096;
+const _: () = assert!(READ_MAX_BYTES <= READING_BYTES_MAX);
 /// A flag in Hello: the sender's disk failed and is detached.
 pub const HELLO_FLAG_DISKLESS: u32 = 1 << 29;
 /// A flag in Hello: this link joins the session named in the Hello rather
@@ -956,7 +968,7 @@ impl Manager {
                         "writes raced the handshake; reconnecting to resync them".into(),
                     ));
                 }
-                self.serve(&mut inbox, link, None).await
+                self.serve(&mut inbox, link, Resyncing::No).await
             }
             SyncDecision::SourceDifferential | SyncDecision::SourceFull => {
                 if decision == SyncDecision::SourceFull {
@@ -1003,7 +1015,8 @@ impl Manager {
                     decision == SyncDecision::SourceFull,
                     done_tx,
                 )));
-                self.serve(&mut inbox, link, Some(done_rx)).await
+                self.serve(&mut inbox, link, Resyncing::AsSource(done_rx))
+                    .await
             }
             SyncDecision::TargetDifferential | SyncDecision::TargetFull => {
                 volume.begin_sync_target().await?;
@@ -1032,7 +1045,7 @@ impl Manager {
                     .map_err(|_| PeerError::Wire("link closed".into()))?;
                 self.peer
                     .set(|s| s.replication = ReplicationState::SyncTarget);
-                self.serve(&mut inbox, link, None).await
+                self.serve(&mut inbox, link, Resyncing::AsTarget).await
             }
             _ => unreachable!("refusals returned by decide"),
         }
@@ -1055,10 +1068,10 @@ impl Manager {
         &self,
         inbox: &mut channel::Inbox,
         link: &Arc<Channel>,
-        mut resync_done: Option<oneshot::Receiver<Result<(), String>>>,
+        mut resyncing: Resyncing,
     ) -> Result<(), PeerError> {
         // Incoming writes are applied concurrently, in arrival order per range.
-        let applying = Arc::new(Semaphore::new(APPLYING_MAX as usize));
+        let load = PeerLoad::new();
         let mut _verifying = None;
         loop {
             let (seq, message) = tokio::select! {
@@ -1071,8 +1084,13 @@ impl Manager {
                     ))));
                     continue;
                 }
-                done = async { resync_done.as_mut().unwrap().await }, if resync_done.is_some() => {
-                    resync_done = None;
+                done = async {
+                    match &mut resyncing {
+                        Resyncing::AsSource(done) => done.await,
+                        _ => unreachable!("only a source waits"),
+                    }
+                }, if matches!(resyncing, Resyncing::AsSource(_)) => {
+                    resyncing = Resyncing::No;
                     match done {
                         Ok(Ok(())) => { self.established(link).await; continue; }
                         Ok(Err(e)) => return Err(PeerError::Wire(e)),
@@ -1089,17 +1107,19 @@ impl Manager {
                     if flags & WRITE_FLAG_ACK_RECEIVED != 0 {
                         link.acknowledge(seq, AckKind::Received, 0).await;
                     }
-                    self.apply(link, &applying, seq, offset, data, flags)
-                        .await?
+                    self.apply(link, &load, seq, offset, data, flags).await?
                 }
                 Message::ResyncData { offset, data } => {
-                    self.apply(link, &applying, seq, offset, data, 0).await?
+                    resyncing.expect_target("ResyncData")?;
+                    self.apply(link, &load, seq, offset, data, 0).await?
                 }
                 Message::ResyncChecksum { offset, len, crc } => {
+                    let share = load.read(len).await;
                     // Compared in arrival order with writes to the same range.
                     let ticket = self.volume.gate().register(offset, u64::from(len));
                     let (volume, link) = (self.volume.clone(), link.clone());
                     tokio::spawn(async move {
+                        let _share = share;
                         let _guard = ticket.wait().await;
                         let answer = if len > READ_MAX_BYTES {
                             // No chunk is this large: refuse to read it whole.
@@ -1119,16 +1139,11 @@ impl Manager {
                     // Every write before the barrier is on disk before the
                     // flush starts (with protocols A and B the primary does
                     // not wait for them before its flush).
-                    drop(
-                        applying
-                            .clone()
-                            .acquire_many_owned(APPLYING_MAX)
-                            .await
-                            .expect("never closed"),
-                    );
+                    let flush = load.flush().await;
                     let volume = self.volume.clone();
                     let link = link.clone();
                     tokio::spawn(async move {
+                        let _flush = flush;
                         let errno = match volume.flush_local().await {
                             Ok(()) => 0,
                             Err(e) => e.errno() as u32,
@@ -1156,10 +1171,12 @@ impl Manager {
                     })
                 }
                 Message::Read { offset, len } => {
+                    let share = load.read(len).await;
                     // Served in arrival order with writes to the same range.
                     let ticket = self.volume.gate().register(offset, u64::from(len));
                     let (volume, link) = (self.volume.clone(), link.clone());
                     tokio::spawn(async move {
+                        let _share = share;
                         let _guard = ticket.wait().await;
                         let (errno, data) = if len > READ_MAX_BYTES {
                             (libc::EINVAL as u32, Vec::new())
@@ -1174,6 +1191,11 @@ impl Manager {
                 }
                 Message::ReadReply { seq, errno, data } => link.answer_with_data(seq, errno, data),
                 Message::ResyncDone { current } => {
+                    resyncing.expect_target("ResyncDone")?;
+                    if current == 0 {
+                        return Err(PeerError::Wire("ResyncDone names no generation".into()));
+                    }
+                    resyncing = Resyncing::No;
                     self.volume.finish_sync_target(current).await?;
                     let _ = link.send(&self.volume.state_message()).await;
                     self.established(link).await;
@@ -1188,7 +1210,7 @@ impl Manager {
     async fn apply(
         &self,
         link: &Arc<Channel>,
-        applying: &Arc<Semaphore>,
+        load: &PeerLoad,
         seq: u64,
         offset: u64,
         data: Vec<u8>,
@@ -1199,11 +1221,7 @@ impl Manager {
                 "the peer sent writes to a primary: two primaries; disconnecting".into(),
             ));
         }
-        let permit = applying
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("never closed");
+        let share = load.apply(data.len()).await;
         let len = if flags & WRITE_FLAG_ZERO != 0 {
             data.get(..8).map_or(0, |b| {
                 u64::from_le_bytes(b.try_into().expect("eight bytes"))
@@ -1214,7 +1232,7 @@ impl Manager {
         let ticket = self.volume.gate().register(offset, len);
         let (volume, link) = (self.volume.clone(), link.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _share = share;
             let _guard = ticket.wait().await;
             let errno = match volume.write_replicated(offset, data, flags).await {
                 Ok(()) => 0,
@@ -1227,6 +1245,81 @@ impl Manager {
         });
         Ok(())
     }
+}
+
+/// The part of a resync a session has yet to finish.
+enum Resyncing {
+    No,
+    /// This node is the source: its resync task says when it is done.
+    AsSource(oneshot::Receiver<Result<(), String>>),
+    /// This node is the target: the source's `ResyncDone` ends it.
+    AsTarget,
+}
+
+impl Resyncing {
+    /// Resync frames are for a target only: from a peer that is not this
+    /// node's source, they would overwrite data unmarked.
+    fn expect_target(&self, what: &str) -> Result<(), PeerError> {
+        match self {
+            Resyncing::AsTarget => Ok(()),
+            _ => Err(PeerError::Wire(format!(
+                "the peer sent {what}, but this node is not its sync target"
+            ))),
+        }
+    }
+}
+
+/// What the peer's requests may hold on this node at once. Beyond it the
+/// serve loop waits, and so, once its window fills, does the peer.
+struct PeerLoad {
+    /// Writes being applied; a barrier takes every permit, to wait for the
+    /// writes before it.
+    applying: Arc<Semaphore>,
+    applying_bytes: Arc<Semaphore>,
+    reading_bytes: Arc<Semaphore>,
+    flushing: Arc<Semaphore>,
+}
+
+/// A request's share of `PeerLoad`, given back when dropped.
+type Share = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+
+impl PeerLoad {
+    fn new() -> PeerLoad {
+        let semaphore = |permits: u32| Arc::new(Semaphore::new(permits as usize));
+        PeerLoad {
+            applying: semaphore(APPLYING_MAX),
+            applying_bytes: semaphore(APPLYING_BYTES_MAX),
+            reading_bytes: semaphore(READING_BYTES_MAX),
+            flushing: semaphore(FLUSHING_MAX),
+        }
+    }
+
+    /// For a write of `bytes` of data.
+    async fn apply(&self, bytes: usize) -> Share {
+        let count = take(&self.applying, 1).await;
+        (count, Some(take(&self.applying_bytes, bytes as u32).await))
+    }
+
+    /// For a read of `len` bytes (one too large to serve is refused, and
+    /// takes no more than the largest one served).
+    async fn read(&self, len: u32) -> Share {
+        let charge = len.clamp(READ_CHARGE_MIN_BYTES, READ_MAX_BYTES);
+        (take(&self.reading_bytes, charge).await, None)
+    }
+
+    /// For a barrier's flush, once every write before it is applied.
+    async fn flush(&self) -> Share {
+        drop(take(&self.applying, APPLYING_MAX).await);
+        (take(&self.flushing, 1).await, None)
+    }
+}
+
+async fn take(semaphore: &Arc<Semaphore>, permits: u32) -> OwnedSemaphorePermit {
+    semaphore
+        .clone()
+        .acquire_many_owned(permits)
+        .await
+        .expect("never closed")
 }
 
 /// The HMAC-SHA256 challenge-response: each side proves it holds the
@@ -1356,17 +1449,17 @@ impl FrameReader {
     }
 
     async fn next(&mut self) -> Result<Message, PeerError> {
-        Ok(self.next_with_seq().await?.1)
+        Ok(self.next_frame().await?.message)
     }
 
-    /// The next message and the sequence number of its frame.
-    async fn next_with_seq(&mut self) -> Result<(u64, Message), PeerError> {
+    /// The next frame.
+    async fn next_frame(&mut self) -> Result<ReceivedFrame, PeerError> {
         tokio::time::timeout(self.timeout, self.read())
             .await
             .map_err(|_| PeerError::Timeout(self.timeout))?
     }
 
-    async fn read(&mut self) -> Result<(u64, Message), PeerError> {
+    async fn read(&mut self) -> Result<ReceivedFrame, PeerError> {
         let mut header_bytes = [0u8; HEADER_BYTES];
         self.inner.read_exact(&mut header_bytes).await?;
         let header =
@@ -1403,8 +1496,20 @@ impl FrameReader {
             .map_err(|e| PeerError::Wire(e.to_string()))?;
         let message = Message::decode_split(header.kind, &head, tail)
             .map_err(|e| PeerError::Wire(e.to_string()))?;
-        Ok((header.sequence, message))
+        Ok(ReceivedFrame {
+            seq: header.sequence,
+            message,
+            wire_bytes: HEADER_BYTES + len,
+        })
     }
+}
+
+/// A frame as read from a link.
+pub(crate) struct ReceivedFrame {
+    pub seq: u64,
+    pub message: Message,
+    /// Its size on the wire, header included.
+    pub wire_bytes: usize,
 }
 
 /// Generation identifiers as they travel in a Hello.
@@ -1431,4 +1536,48 @@ fn disk_state_name(flags: u32) -> String {
         "{:?}",
         crate::volume::DiskState::from_flags(Flags::from_bits_truncate(flags))
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    #[tokio::test]
+    async fn the_peers_requests_hold_bounded_memory() {
+        let load = PeerLoad::new();
+        // Two 32 MiB writes fit; a third waits for one.
+        let payload = APPLYING_BYTES_MAX as usize / 2;
+        let first = load.apply(payload).await;
+        let second = load.apply(payload).await;
+        let third = load.apply(payload);
+        tokio::pin!(third);
+        assert!(third.as_mut().now_or_never().is_none());
+        drop(first);
+        assert!(third.now_or_never().is_some());
+
+        // Empty reads cost a page each, so their number is bounded too.
+        let count = READING_BYTES_MAX / READ_CHARGE_MIN_BYTES;
+        let mut reads = Vec::new();
+        for _ in 0..count {
+            reads.push(load.read(0).await);
+        }
+        assert!(load.read(0).now_or_never().is_none());
+        // A read too large to serve costs no more than the largest served.
+        reads.truncate(reads.len() - (READ_MAX_BYTES / READ_CHARGE_MIN_BYTES) as usize);
+        assert!(load.read(u32::MAX).now_or_never().is_some());
+
+        // A barrier waits for the writes before it, and few flush at once.
+        drop(second);
+        let mut flushes = Vec::new();
+        for _ in 0..FLUSHING_MAX {
+            flushes.push(load.flush().now_or_never().expect("room"));
+        }
+        assert!(load.flush().now_or_never().is_none());
+        flushes.clear();
+        let write = load.apply(4096).await;
+        assert!(load.flush().now_or_never().is_none());
+        drop(write);
+        assert!(load.flush().now_or_never().is_some());
+    }
 }
