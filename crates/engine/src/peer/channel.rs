@@ -34,8 +34,10 @@ const _: () = assert!(
     blkmirror_proto::PAYLOAD_MAX_BYTES as usize + blkmirror_proto::HEADER_BYTES
         <= UNCONFIRMED_BYTES_MAX
 );
-/// Frames handed to the socket in one system call, at most.
+/// Frames handed to the socket in one system call, at most, and bytes:
+/// a batch may be confirmed before it is written.
 const WRITE_BATCH_FRAMES: usize = 64;
+const WRITE_BATCH_BYTES: usize = 4 << 20;
 /// Writes the peer answered before a barrier confirms them durable, at
 /// most: more hurry the barrier.
 const VOLATILE_WRITES_MAX: usize = 4096;
@@ -154,7 +156,8 @@ struct Unconfirmed {
 struct LinkSlot {
     /// Tells a stale task from one of the current connection.
     generation: u64,
-    queue: mpsc::UnboundedSender<Bytes>,
+    /// Frames for the socket, with their sequence numbers (0: unsequenced).
+    queue: mpsc::UnboundedSender<(u64, Bytes)>,
     queued_bytes: Arc<AtomicUsize>,
     _tasks: Vec<AbortOnDrop<()>>,
 }
@@ -191,6 +194,10 @@ pub struct Channel {
     epoch: AtomicU64,
     /// Bytes written to each link's socket in this session.
     sent_bytes: [AtomicU64; LINKS_MAX],
+    /// The highest sequence number handed to a link's socket: a peer that
+    /// confirms more is broken, and would free window the frames still
+    /// waiting in a queue here hold.
+    handed_to_socket: AtomicU64,
     /// Writes the peer answered that no barrier it confirmed has yet made
     /// durable there, by sequence number; `None` once taken at the end of
     /// the session.
@@ -283,6 +290,7 @@ impl Channel {
             closed: watch::channel(None).0,
             epoch: AtomicU64::new(0),
             sent_bytes: Default::default(),
+            handed_to_socket: AtomicU64::new(0),
             volatile: Mutex::new(Some(BTreeMap::new())),
             barrier_scheduled: AtomicBool::new(false),
             volatile_full: Notify::new(),
@@ -453,7 +461,7 @@ impl Channel {
                 written: written_rx,
             }
         });
-        queue_on(&send.links, link, frame.clone());
+        queue_on(&send.links, link, seq, frame.clone());
         send.unconfirmed.insert(
             seq,
             Unconfirmed {
@@ -547,13 +555,13 @@ impl Channel {
     /// The peer has taken every frame up to `upto`: forget them. A claim
     /// beyond what was sent is a broken peer.
     fn confirm(&self, upto: u64) -> Result<(), String> {
-        let mut send = self.send.lock().unwrap();
-        if upto >= send.next_seq {
+        let handed = self.handed_to_socket.load(Ordering::Relaxed);
+        if upto > handed {
             return Err(format!(
-                "peer confirmed frame {upto}, but only {} were sent",
-                send.next_seq - 1
+                "peer confirmed frame {upto}, but only frames up to {handed} were sent"
             ));
         }
+        let mut send = self.send.lock().unwrap();
         let keep = send.unconfirmed.split_off(&(upto + 1));
         send.unconfirmed = keep;
         Ok(())
@@ -612,8 +620,8 @@ impl Channel {
         // old connection carried unconfirmed goes again on the new one.
         if replaced.is_some() {
             let state = &mut *send;
-            for entry in state.unconfirmed.values().filter(|e| e.link == index) {
-                queue_on(&state.links, index, entry.frame.clone());
+            for (&seq, entry) in state.unconfirmed.iter().filter(|(_, e)| e.link == index) {
+                queue_on(&state.links, index, seq, entry.frame.clone());
             }
         }
         // The new connection has confirmed nothing yet.
@@ -654,10 +662,10 @@ impl Channel {
         );
         let state = &mut *send;
         let mut resent = 0usize;
-        for entry in state.unconfirmed.values_mut() {
+        for (&seq, entry) in state.unconfirmed.iter_mut() {
             if entry.link == index {
                 entry.link = survivor;
-                queue_on(&state.links, survivor, entry.frame.clone());
+                queue_on(&state.links, survivor, seq, entry.frame.clone());
                 resent += 1;
             }
         }
@@ -694,7 +702,7 @@ impl Channel {
         let frame = Bytes::from(blkmirror_proto::encode_frame(message, self.volume_uuid, 0));
         let send = self.send.lock().unwrap();
         if let Some(index) = index.or_else(|| least_queued(&send.links, 0)) {
-            queue_on(&send.links, index, frame);
+            queue_on(&send.links, index, 0, frame);
         }
     }
 
@@ -703,7 +711,7 @@ impl Channel {
         index: usize,
         generation: u64,
         mut writer: BufWriter<OwnedWriteHalf>,
-        mut queue: mpsc::UnboundedReceiver<Bytes>,
+        mut queue: mpsc::UnboundedReceiver<(u64, Bytes)>,
         queued_bytes: Arc<AtomicUsize>,
     ) {
         let result: std::io::Result<()> = async {
@@ -712,15 +720,23 @@ impl Channel {
             writer.flush().await?;
             let mut socket = writer.into_inner();
             let mut batch = Vec::with_capacity(WRITE_BATCH_FRAMES);
-            while let Some(frame) = queue.recv().await {
+            while let Some((seq, frame)) = queue.recv().await {
                 batch.push(frame);
-                while batch.len() < WRITE_BATCH_FRAMES {
+                let mut last_seq = seq;
+                let mut written = batch[0].len();
+                while batch.len() < WRITE_BATCH_FRAMES && written < WRITE_BATCH_BYTES {
                     match queue.try_recv() {
-                        Ok(frame) => batch.push(frame),
+                        Ok((seq, frame)) => {
+                            written += frame.len();
+                            batch.push(frame);
+                            last_seq = last_seq.max(seq);
+                        }
                         Err(_) => break,
                     }
                 }
-                let written = batch.iter().map(Bytes::len).sum::<usize>();
+                // Counted before the write, so the peer's confirmation can
+                // never arrive first.
+                self.handed_to_socket.fetch_max(last_seq, Ordering::Relaxed);
                 write_all_vectored(&mut socket, &mut batch).await?;
                 queued_bytes.fetch_sub(written, Ordering::Relaxed);
                 self.sent_bytes[index].fetch_add(written as u64, Ordering::Relaxed);
@@ -884,10 +900,10 @@ fn least_queued(links: &[Option<LinkSlot>; LINKS_MAX], turn: u64) -> Option<usiz
         .map(|(i, _)| i)
 }
 
-fn queue_on(links: &[Option<LinkSlot>; LINKS_MAX], index: usize, frame: Bytes) {
+fn queue_on(links: &[Option<LinkSlot>; LINKS_MAX], index: usize, seq: u64, frame: Bytes) {
     if let Some(slot) = &links[index] {
         slot.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
-        let _ = slot.queue.send(frame);
+        let _ = slot.queue.send((seq, frame));
     }
 }
 
@@ -1085,6 +1101,43 @@ mod tests {
         assert!(
             matches!(b_inbox.next().await, Err(PeerError::LinksLost(_))),
             "the inbox ends with the session"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_confirms_frames_it_cannot_have_loses_the_session() {
+        let (a, _a_inbox) = Channel::new(UUID, Duration::from_secs(2));
+        let ((reader, writer), (_raw_reader, mut raw)) = connection().await;
+        a.attach(0, reader, writer);
+        // The raw end reads nothing: the socket fills, the rest waits here.
+        let mut last = 0;
+        for n in 0..48 {
+            let frame = blkmirror_proto::encode_frame(&write_of(n, 1 << 20), UUID, 0);
+            last = a.enqueue_frame(frame, false).await.unwrap().seq();
+        }
+        let queued = || {
+            a.send.lock().unwrap().links[0]
+                .as_ref()
+                .unwrap()
+                .queued_bytes
+                .load(Ordering::Relaxed)
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while queued() < 16 << 20 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("frames wait for the socket");
+        let received = Message::Received { upto: last };
+        raw.write_all(&blkmirror_proto::encode_frame(&received, UUID, 0))
+            .await
+            .unwrap();
+        raw.flush().await.unwrap();
+        let reason = closing_reason(&a).await;
+        assert!(
+            reason.contains(&format!("confirmed frame {last}")),
+            "{reason}"
         );
     }
 
