@@ -836,14 +836,7 @@ fn bad_frames_on_a_link_are_refused_without_harm() {
     res.ok("beta", &["create-md"]);
     // beta's name sorts second: it listens.
     let beta = res.up("beta");
-    let config = std::fs::read_to_string(&res.config).unwrap();
-    let beta_section = config.split("[nodes.beta]").nth(1).unwrap();
-    let link = beta_section
-        .lines()
-        .find_map(|l| l.strip_prefix("links = [\""))
-        .and_then(|l| l.strip_suffix("\"]"))
-        .unwrap()
-        .to_string();
+    let link = first_link(&res, "beta");
     let header = |version: u16, payload_len: u32| {
         let mut h = blkmirror_proto::FrameHeader::for_payload(
             blkmirror_proto::message::kind::HELLO,
@@ -899,4 +892,125 @@ fn bad_frames_on_a_link_are_refused_without_harm() {
     res.wait_established("alpha");
     res.wait_established("beta");
     res.assert_identical();
+}
+
+/// The address of `node`'s first link, from the resource's config.
+fn first_link(res: &Resource, node: &str) -> String {
+    let config = std::fs::read_to_string(&res.config).unwrap();
+    let section = config.split(&format!("[nodes.{node}]")).nth(1).unwrap();
+    section
+        .lines()
+        .find_map(|l| l.strip_prefix("links = [\""))
+        .and_then(|l| l.strip_suffix("\"]"))
+        .unwrap()
+        .to_string()
+}
+
+/// A stand-in for alpha that speaks the wire protocol by hand: it passes
+/// the handshake as alpha would, in sync with beta, and then sends what a
+/// broken peer might.
+struct FakeAlpha {
+    stream: std::net::TcpStream,
+    uuid: [u8; 16],
+    received: Vec<u8>,
+}
+
+impl FakeAlpha {
+    fn connect(res: &Resource) -> FakeAlpha {
+        let stream = std::net::TcpStream::connect(first_link(res, "beta")).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut fake = FakeAlpha {
+            stream,
+            uuid: [0; 16],
+            received: Vec::new(),
+        };
+        let Some(blkmirror_proto::Message::Hello(beta)) = fake.next() else {
+            panic!("beta did not say Hello");
+        };
+        fake.uuid = beta.volume_uuid;
+        let alpha = blkmirror_proto::Hello {
+            node_name: "alpha".into(),
+            session: 7,
+            dirty_bytes: 0,
+            ..beta
+        };
+        fake.send(0, &blkmirror_proto::Message::Hello(alpha));
+        fake
+    }
+
+    fn send(&mut self, seq: u64, message: &blkmirror_proto::Message) {
+        use std::io::Write;
+        let frame = blkmirror_proto::encode_frame(message, self.uuid, seq);
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    /// The next message from beta; `None` once it closed the connection.
+    fn next(&mut self) -> Option<blkmirror_proto::Message> {
+        use std::io::Read;
+        loop {
+            if let Some((_, message, used)) = blkmirror_proto::decode_frame(&self.received).unwrap()
+            {
+                self.received.drain(..used);
+                return Some(message);
+            }
+            let mut buf = [0u8; 65536];
+            match self.stream.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.received.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+}
+
+/// A pair in sync with alpha down: beta waits for a peer, and its
+/// generations, to compare after a fake alpha had its say.
+fn beta_alone(res: &Resource) -> (NodeProcess, serde_json::Value) {
+    let (alpha, beta) = synced_pair(res);
+    res.down("alpha", alpha);
+    res.wait_status("beta", "alpha gone", |s| s["connection"] != "Connected");
+    let generations = res.json("beta", &["dump-md", "--json"])["generations"].clone();
+    (beta, generations)
+}
+
+/// A peer that ends a resync that never began (it would make a sync source,
+/// or a node in sync, take the peer's generation as its own) is refused,
+/// and beta's metadata is untouched.
+#[test]
+fn a_resync_end_from_a_peer_that_is_not_the_source_is_refused() {
+    let res = Resource::new();
+    let (_beta, generations) = beta_alone(&res);
+    let mut fake = FakeAlpha::connect(&res);
+    fake.send(1, &blkmirror_proto::Message::ResyncDone { current: 12345 });
+    while fake.next().is_some() {}
+    res.wait_error("beta", "not its sync target");
+    let after = res.json("beta", &["dump-md", "--json"])["generations"].clone();
+    assert_eq!(after, generations, "beta's generations are untouched");
+}
+
+/// A checksum request over more than any resync chunk is answered EINVAL,
+/// not read whole.
+#[test]
+fn an_oversized_checksum_request_is_refused() {
+    let res = Resource::new();
+    let (_beta, _) = beta_alone(&res);
+    let mut fake = FakeAlpha::connect(&res);
+    let oversized = blkmirror_proto::Message::ResyncChecksum {
+        offset: 0,
+        len: 5 << 20,
+        crc: 0,
+    };
+    fake.send(1, &oversized);
+    let errno = loop {
+        match fake.next().expect("beta answers before it closes") {
+            blkmirror_proto::Message::Ack { entries } => {
+                if let Some(entry) = entries.iter().find(|e| e.seq == 1) {
+                    break entry.errno;
+                }
+            }
+            _ => continue,
+        }
+    };
+    assert_eq!(errno, libc::EINVAL as u32);
 }
