@@ -916,7 +916,8 @@ struct FakeAlpha {
 }
 
 impl FakeAlpha {
-    fn connect(res: &Resource) -> FakeAlpha {
+    /// Connects to beta with a copy of beta's own Hello, changed by `adjust`.
+    fn connect(res: &Resource, adjust: impl FnOnce(&mut blkmirror_proto::Hello)) -> FakeAlpha {
         let stream = std::net::TcpStream::connect(first_link(res, "beta")).unwrap();
         stream
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -930,12 +931,13 @@ impl FakeAlpha {
             panic!("beta did not say Hello");
         };
         fake.uuid = beta.volume_uuid;
-        let alpha = blkmirror_proto::Hello {
+        let mut alpha = blkmirror_proto::Hello {
             node_name: "alpha".into(),
             session: 7,
             dirty_bytes: 0,
             ..beta
         };
+        adjust(&mut alpha);
         fake.send(0, &blkmirror_proto::Message::Hello(alpha));
         fake
     }
@@ -974,19 +976,61 @@ fn beta_alone(res: &Resource) -> (NodeProcess, serde_json::Value) {
     (beta, generations)
 }
 
-/// A peer that ends a resync that never began (it would make a sync source,
-/// or a node in sync, take the peer's generation as its own) is refused,
-/// and beta's metadata is untouched.
+/// Resync frames from a peer that is not the sync source are refused: the
+/// data would overwrite beta's unmarked, and the end would make beta take
+/// the peer's generation as its own. Beta's data and metadata are untouched.
 #[test]
-fn a_resync_end_from_a_peer_that_is_not_the_source_is_refused() {
+fn resync_frames_from_a_peer_that_is_not_the_source_are_refused() {
     let res = Resource::new();
     let (_beta, generations) = beta_alone(&res);
-    let mut fake = FakeAlpha::connect(&res);
-    fake.send(1, &blkmirror_proto::Message::ResyncDone { current: 12345 });
-    while fake.next().is_some() {}
-    res.wait_error("beta", "not its sync target");
+    let data = res.data_area("beta");
+    let frames = [
+        (
+            "ResyncData",
+            blkmirror_proto::Message::ResyncData {
+                offset: 0,
+                data: vec![0xee; 4096],
+            },
+        ),
+        (
+            "ResyncDone",
+            blkmirror_proto::Message::ResyncDone { current: 12345 },
+        ),
+    ];
+    for (name, frame) in frames {
+        let mut fake = FakeAlpha::connect(&res, |_| {});
+        fake.send(1, &frame);
+        while fake.next().is_some() {}
+        let status = res.wait_error("beta", &format!("sent {name}"));
+        assert!(
+            status["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("not its sync target"),
+            "{status}"
+        );
+    }
     let after = res.json("beta", &["dump-md", "--json"])["generations"].clone();
     assert_eq!(after, generations, "beta's generations are untouched");
+    assert!(res.data_area("beta") == data, "beta's data is untouched");
+}
+
+/// The end of a resync must name the generation the target takes.
+#[test]
+fn a_resync_end_naming_no_generation_is_refused() {
+    let res = Resource::new();
+    let (_beta, _) = beta_alone(&res);
+    // The fake wrote alone since it parted from beta: beta becomes its
+    // sync target.
+    let mut fake = FakeAlpha::connect(&res, |hello| {
+        hello.generations.bitmap = hello.generations.current;
+        hello.generations.current = 0x5eed;
+    });
+    fake.send(1, &blkmirror_proto::Message::ResyncDone { current: 0 });
+    while fake.next().is_some() {}
+    res.wait_error("beta", "names no generation");
+    let status = res.status("beta");
+    assert_ne!(status["disk_state"], "UpToDate", "{status}");
 }
 
 /// A checksum request over more than any resync chunk is answered EINVAL,
@@ -995,7 +1039,7 @@ fn a_resync_end_from_a_peer_that_is_not_the_source_is_refused() {
 fn an_oversized_checksum_request_is_refused() {
     let res = Resource::new();
     let (_beta, _) = beta_alone(&res);
-    let mut fake = FakeAlpha::connect(&res);
+    let mut fake = FakeAlpha::connect(&res, |_| {});
     let oversized = blkmirror_proto::Message::ResyncChecksum {
         offset: 0,
         len: 5 << 20,

@@ -34,8 +34,9 @@ const _: () = assert!(
     blkmirror_proto::PAYLOAD_MAX_BYTES as usize + blkmirror_proto::HEADER_BYTES
         <= UNCONFIRMED_BYTES_MAX
 );
-/// Frames handed to the socket in one system call, at most, and bytes:
-/// a batch may be confirmed before it is written.
+/// Frames handed to the socket in one system call, at most, and bytes: a
+/// batch counts as sent before it is written, so this also bounds what a
+/// broken peer can confirm early.
 const WRITE_BATCH_FRAMES: usize = 64;
 const WRITE_BATCH_BYTES: usize = 4 << 20;
 /// Writes the peer answered before a barrier confirms them durable, at
@@ -195,8 +196,10 @@ pub struct Channel {
     /// Bytes written to each link's socket in this session.
     sent_bytes: [AtomicU64; LINKS_MAX],
     /// The highest sequence number handed to a link's socket: a peer that
-    /// confirms more is broken, and would free window the frames still
-    /// waiting in a queue here hold.
+    /// confirms more is broken. This keeps a peer that reads nothing from
+    /// freeing the window of frames still queued here; with two links it
+    /// may free those queued behind a higher one sent on the other link,
+    /// which the least-queued choice of link keeps to about one window.
     handed_to_socket: AtomicU64,
     /// Writes the peer answered that no barrier it confirmed has yet made
     /// durable there, by sequence number; `None` once taken at the end of
@@ -555,7 +558,7 @@ impl Channel {
     /// The peer has taken every frame up to `upto`: forget them. A claim
     /// beyond what was sent is a broken peer.
     fn confirm(&self, upto: u64) -> Result<(), String> {
-        let handed = self.handed_to_socket.load(Ordering::Relaxed);
+        let handed = self.handed_to_socket.load(Ordering::Acquire);
         if upto > handed {
             return Err(format!(
                 "peer confirmed frame {upto}, but only frames up to {handed} were sent"
@@ -736,7 +739,7 @@ impl Channel {
                 }
                 // Counted before the write, so the peer's confirmation can
                 // never arrive first.
-                self.handed_to_socket.fetch_max(last_seq, Ordering::Relaxed);
+                self.handed_to_socket.fetch_max(last_seq, Ordering::Release);
                 write_all_vectored(&mut socket, &mut batch).await?;
                 queued_bytes.fetch_sub(written, Ordering::Relaxed);
                 self.sent_bytes[index].fetch_add(written as u64, Ordering::Relaxed);
@@ -762,7 +765,9 @@ impl Channel {
                     ..
                 } => {
                     if let Err(e) = self.confirm(upto) {
-                        break e;
+                        // Not the link's fault: the peer is broken.
+                        self.close(&e);
+                        return;
                     }
                 }
                 ReceivedFrame {
@@ -780,6 +785,11 @@ impl Channel {
                     message,
                     wire_bytes,
                 } => {
+                    if is_final_answer(&message) {
+                        // The peer answers: whether this node has caught up
+                        // with its answers is not the peer's concern.
+                        self.pending.lock().unwrap().progress = Instant::now();
+                    }
                     let kept = self.arrivals.lock().unwrap().keep(seq, message, wire_bytes);
                     match kept {
                         Ok(true) => self.arrived.notify_one(),
@@ -890,6 +900,16 @@ async fn write_all_vectored(
     Ok(())
 }
 
+/// Whether `message` finishes something the peer was asked (an answer that
+/// it merely received the frame does not).
+fn is_final_answer(message: &Message) -> bool {
+    match message {
+        Message::Ack { entries } => entries.iter().any(|e| e.kind == AckKind::Written),
+        Message::ReadReply { .. } => true,
+        _ => false,
+    }
+}
+
 /// The live link with the fewest bytes waiting; ties go round by `turn`,
 /// so two idle links share the traffic.
 fn least_queued(links: &[Option<LinkSlot>; LINKS_MAX], turn: u64) -> Option<usize> {
@@ -912,18 +932,30 @@ mod tests {
     use super::*;
     use futures_util::FutureExt;
     use tokio::io::BufReader;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::{TcpSocket, TcpStream};
 
     const UUID: [u8; 16] = [7; 16];
 
+    type Ends = (FrameReader, BufWriter<OwnedWriteHalf>);
+
     /// One loopback TCP connection: the two ends' reader and writer.
-    async fn connection() -> (
-        (FrameReader, BufWriter<OwnedWriteHalf>),
-        (FrameReader, BufWriter<OwnedWriteHalf>),
-    ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    async fn connection() -> (Ends, Ends) {
+        connection_buffered(None).await
+    }
+
+    /// The same, with the socket buffers `buffer_bytes` long: from the
+    /// first end to the second, few bytes are in flight.
+    async fn connection_buffered(buffer_bytes: Option<u32>) -> (Ends, Ends) {
+        let listening = TcpSocket::new_v4().unwrap();
+        let connecting = TcpSocket::new_v4().unwrap();
+        if let Some(bytes) = buffer_bytes {
+            listening.set_send_buffer_size(bytes).unwrap();
+            connecting.set_recv_buffer_size(bytes).unwrap();
+        }
+        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listening.listen(1).unwrap();
         let (a, b) = tokio::join!(
-            TcpStream::connect(listener.local_addr().unwrap()),
+            connecting.connect(listener.local_addr().unwrap()),
             listener.accept()
         );
         let ends = |stream: TcpStream| {
@@ -932,7 +964,7 @@ mod tests {
             reader.trust(UUID);
             (reader, BufWriter::new(w))
         };
-        (ends(a.unwrap()), ends(b.unwrap().0))
+        (ends(b.unwrap().0), ends(a.unwrap()))
     }
 
     /// Two channels joined by `links` connections.
@@ -1107,7 +1139,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_confirms_frames_it_cannot_have_loses_the_session() {
         let (a, _a_inbox) = Channel::new(UUID, Duration::from_secs(2));
-        let ((reader, writer), (_raw_reader, mut raw)) = connection().await;
+        let ((reader, writer), (_raw_reader, mut raw)) = connection_buffered(Some(64 << 10)).await;
         a.attach(0, reader, writer);
         // The raw end reads nothing: the socket fills, the rest waits here.
         let mut last = 0;
@@ -1143,7 +1175,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_that_takes_frames_but_answers_none_loses_the_session() {
-        let timeout = Duration::from_millis(150);
+        let timeout = Duration::from_millis(400);
         let deadline = timeout * ANSWER_TIMEOUTS;
         let ((a, mut a_inbox), (b, mut b_inbox)) = pair_timed(1, timeout).await;
         // Answered writes keep the session well past the deadline.
