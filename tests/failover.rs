@@ -354,12 +354,14 @@ async fn a_failing_secondary_disk_is_detached_and_replaced() {
 /// Matrix 5, the secondary's disk hangs: the secondary still pings but
 /// answers nothing. The primary ends the session after `ANSWER_TIMEOUTS`
 /// timeouts and goes on alone, with no client error, marking what was not
-/// answered; once the disk returns, a resync makes the replicas identical.
+/// answered. It keeps reconnecting, and each resync it starts is cut off
+/// the same way; those must leave beta's generation within reach, so once
+/// the disk returns a differential resync makes the replicas identical.
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secondary_whose_disk_hangs_is_left_behind_and_resynced_later() {
     let res = Resource::new();
-    let (_alpha, _beta) = synced_pair(&res);
+    let (alpha, _beta) = synced_pair(&res);
     let mut work = Stamped::new(BLOCKS);
     run_to_end(&res, &mut work, "alpha", 300).await;
     let data_area = format!("stall-write={DATA_OFFSET}-{DISK_BYTES}");
@@ -373,6 +375,13 @@ async fn a_secondary_whose_disk_hangs_is_left_behind_and_resynced_later() {
         "what beta did not answer is marked: {alpha_status}"
     );
     work.verify("alpha, which went on alone", &res.data_area("alpha"));
+    // Three resyncs cut off after the first loss: the generations rotated
+    // on each of them once, and beta fell out of alpha's history.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while alpha.log().matches("its disk may hang").count() < 4 {
+        assert!(std::time::Instant::now() < deadline, "{}", alpha.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // The disk returns: its held writes land, and a resync follows.
     res.ok("beta", &["fault", "none"]);
@@ -382,6 +391,12 @@ async fn a_secondary_whose_disk_hangs_is_left_behind_and_resynced_later() {
     res.wait_established("beta");
     res.assert_identical();
     work.verify("beta after its disk returned", &res.data_area("beta"));
+    let log = alpha.log();
+    assert_eq!(
+        log.matches("decision=SourceFull").count(),
+        1,
+        "only the first build copied everything: {log}"
+    );
 }
 
 /// Matrix 5, the primary's disk: its reads and writes fail, so it detaches

@@ -434,9 +434,14 @@ impl Volume {
         })
     }
 
-    /// In sync with the peer again: neither is a younger primary any more.
+    /// In sync with the peer again: neither is a younger primary any more,
+    /// and the next write the peer misses starts a new generation. (Not
+    /// before: a resync cut off, again and again, must leave the target's
+    /// generation this node's bitmap generation, or it would fall out of
+    /// the history and look unrelated.)
     pub fn note_in_sync(&self) -> Result<(), Error> {
         let mut state = self.state.lock().unwrap();
+        state.generation_open = false;
         if !state.superblock.flags.contains(Flags::PROMOTED_APART) {
             return Ok(());
         }
@@ -1020,9 +1025,6 @@ impl Volume {
 
     /// Where writes go while the peer receives them; `None` when it does not.
     pub fn set_link(&self, link: Option<Arc<Channel>>) {
-        if link.is_some() {
-            self.state.lock().unwrap().generation_open = false;
-        }
         *self.link.lock().unwrap() = link;
     }
 
