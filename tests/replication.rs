@@ -452,9 +452,7 @@ fn random_writes_over_a_small_activity_log_do_not_stall() {
     for protocol in ["C", "A"] {
         let res = Resource::new();
         res.set("al-extents", "16");
-        res.edit_config(|text| {
-            text.replace("protocol = \"C\"", &format!("protocol = \"{protocol}\""))
-        });
+        res.set_protocol(protocol);
         for node in ["alpha", "beta"] {
             let disk = std::fs::OpenOptions::new()
                 .write(true)
@@ -625,9 +623,7 @@ fn protocols_a_and_b_replicate_and_flush_on_both() {
     }
     for protocol in ["A", "B"] {
         let res = Resource::new();
-        res.edit_config(|text| {
-            text.replace("protocol = \"C\"", &format!("protocol = \"{protocol}\""))
-        });
+        res.set_protocol(protocol);
         let (_alpha, _beta) = synced_pair(&res);
         run(&mut res.fio(
             "alpha",

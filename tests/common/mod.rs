@@ -165,6 +165,13 @@ impl Resource {
         self.edit_config(|text| text.replacen("[nodes.", &format!("{key} = {value}\n[nodes."), 1));
     }
 
+    /// Replaces the default replication protocol (C).
+    pub fn set_protocol(&self, protocol: &str) {
+        self.edit_config(|text| {
+            text.replace("protocol = \"C\"", &format!("protocol = \"{protocol}\""))
+        });
+    }
+
     /// Gives each node a second link on loopback.
     pub fn add_second_link(&self) {
         self.edit_config(|text| {
