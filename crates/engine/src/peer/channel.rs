@@ -87,16 +87,9 @@ impl Waiter {
 /// The frames waiting for the peer's answer.
 struct Pending {
     waiters: HashMap<u64, Waiter>,
-    /// When the peer last answered one, or began to owe answers.
+    /// When an answer from the peer last arrived (counted by the link
+    /// reader, see `is_final_answer`), or it began to owe answers.
     progress: Instant,
-}
-
-impl Pending {
-    fn answered(&mut self, seq: u64) -> Option<Waiter> {
-        let waiter = self.waiters.remove(&seq)?;
-        self.progress = Instant::now();
-        Some(waiter)
-    }
 }
 
 /// This side's answers to the peer, waiting to go out together.
@@ -540,7 +533,7 @@ impl Channel {
                     }
                 }
                 AckKind::Written => {
-                    if let Some(waiter) = pending.answered(entry.seq) {
+                    if let Some(waiter) = pending.waiters.remove(&entry.seq) {
                         waiter.finish(entry.errno, Vec::new());
                     }
                 }
@@ -550,7 +543,7 @@ impl Channel {
 
     /// Routes the peer's final answer to frame `seq`, with data (a `Read`'s).
     pub fn answer_with_data(&self, seq: u64, errno: u32, data: Vec<u8>) {
-        if let Some(waiter) = self.pending.lock().unwrap().answered(seq) {
+        if let Some(waiter) = self.pending.lock().unwrap().waiters.remove(&seq) {
             waiter.finish(errno, data);
         }
     }
