@@ -1054,3 +1054,44 @@ fn an_oversized_checksum_request_is_refused() {
     };
     assert_eq!(errno, libc::EINVAL as u32);
 }
+
+/// Only a primary writes: a peer that has not said it is primary (in its
+/// Hello or a `State`) has its writes refused, and beta's data stays as it
+/// was. Once the same peer says it is primary, its write is applied.
+#[test]
+fn writes_from_a_peer_that_is_not_primary_are_refused() {
+    let res = Resource::new();
+    let (_beta, _) = beta_alone(&res);
+    let data = res.data_area("beta");
+    let write = blkmirror_proto::Message::Write {
+        offset: 0,
+        flags: 0,
+        data: vec![0xee; 4096],
+    };
+    let mut fake = FakeAlpha::connect(&res, |_| {});
+    fake.send(1, &write);
+    while fake.next().is_some() {}
+    res.wait_error("beta", "not primary");
+    assert!(res.data_area("beta") == data, "beta's data is untouched");
+
+    let mut fake = FakeAlpha::connect(&res, |_| {});
+    let primary = blkmirror_proto::Message::State {
+        role: 1,
+        disk_state: 0,
+        flags: 0,
+    };
+    fake.send(1, &primary);
+    fake.send(2, &write);
+    let errno = loop {
+        match fake.next().expect("beta answers the write") {
+            blkmirror_proto::Message::Ack { entries } => {
+                if let Some(entry) = entries.iter().find(|e| e.seq == 2) {
+                    break entry.errno;
+                }
+            }
+            _ => continue,
+        }
+    };
+    assert_eq!(errno, 0, "beta applied the write");
+    assert!(res.data_area("beta")[..4096] == [0xee; 4096]);
+}

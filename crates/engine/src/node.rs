@@ -131,12 +131,11 @@ async fn resume_ublk(
             let resumed = if peer_status.peer_role == Some(Role::Primary) {
                 Err(Error::PeerIsPrimary(peer_status.peer_node))
             } else {
-                match volume.promote(false) {
+                match volume.promote(false).await {
                     Ok(()) => ublk.start().await,
                     Err(e) => Err(e),
                 }
             };
-            volume.announce_state().await;
             if let Err(e) = resumed {
                 tracing::error!(
                     device = %ublk.path().display(),
@@ -210,17 +209,17 @@ async fn handle_control(
             let mut result = if peer.status().peer_role == Some(Role::Primary) {
                 Err(Error::PeerIsPrimary(peer.status().peer_node))
             } else {
-                volume.promote(force)
+                volume.promote(force).await
             };
             if let (Ok(()), Some(ublk)) = (&result, ublk) {
                 if let Err(e) = ublk.start().await {
                     if let Err(demote) = volume.demote().await {
                         tracing::error!(error = %demote, "demoting after the ublk device failed");
                     }
+                    volume.announce_state().await;
                     result = Err(Error::ExportFailed(Box::new(e)));
                 }
             }
-            volume.announce_state().await;
             (to_response(result), false)
         }
         Request::Secondary => {

@@ -177,6 +177,10 @@ pub struct Volume {
     data_offset: u64,
     data_size: u64,
     state: Mutex<State>,
+    /// Held through a promotion or demotion: each persists the role, tells
+    /// the peer and opens or closes the device, in steps that must not
+    /// interleave.
+    role_change: tokio::sync::Mutex<()>,
     tracker: ChangeTracker,
     /// Orders overlapping writes identically on both nodes.
     gate: Arc<RangeGate>,
@@ -191,6 +195,19 @@ pub struct Volume {
     unlinked_writes: tokio::sync::watch::Sender<usize>,
     /// Random per process start, sent in Hello.
     session: u64,
+}
+
+/// A `State` frame saying `role` and the disk state in `state`.
+fn state_message(state: &State, role: Role) -> Message {
+    Message::State {
+        role: u8::from(role == Role::Primary),
+        disk_state: if state.disk_failed {
+            peer::STATE_DISKLESS
+        } else {
+            0
+        },
+        flags: state.superblock.flags.bits(),
+    }
 }
 
 /// Where a write goes.
@@ -281,6 +298,7 @@ impl Volume {
                 generation_open: false,
                 disk_failed: false,
             }),
+            role_change: tokio::sync::Mutex::new(()),
             tracker,
             gate: Arc::new(RangeGate::default()),
             link: Mutex::new(None),
@@ -353,40 +371,52 @@ impl Volume {
 
     /// Makes this node primary. Data that is not UpToDate is only promoted
     /// with `force`, which declares it valid and starts a new generation.
-    pub fn promote(&self, force: bool) -> Result<(), Error> {
+    /// A connected peer is told before any client can write: the peer
+    /// takes writes only from a primary, and frames arrive in order.
+    pub async fn promote(&self, force: bool) -> Result<(), Error> {
+        let _changing = self.role_change.lock().await;
         let connected = self.link.lock().unwrap().is_some();
-        let mut state = self.state.lock().unwrap();
-        if state.role == Role::Primary {
-            return Ok(());
-        }
-        if state.disk_failed {
-            return Err(Error::DiskFailed);
-        }
-        let disk_state = disk_state(state.superblock.flags, connected);
-        match disk_state {
-            DiskState::UpToDate => {}
-            _ if force => {}
-            DiskState::Consistent => return Err(Error::PeerMayHaveWritten),
-            disk_state => return Err(Error::NotUpToDate { disk_state }),
-        }
-        self.persist(&mut state, |sb| {
-            if disk_state != DiskState::UpToDate {
-                tracing::warn!(
+        let (disk_state, announcement) = {
+            let mut state = self.state.lock().unwrap();
+            if state.role == Role::Primary {
+                return Ok(());
+            }
+            if state.disk_failed {
+                return Err(Error::DiskFailed);
+            }
+            let disk_state = disk_state(state.superblock.flags, connected);
+            match disk_state {
+                DiskState::UpToDate => {}
+                _ if force => {}
+                DiskState::Consistent => return Err(Error::PeerMayHaveWritten),
+                disk_state => return Err(Error::NotUpToDate { disk_state }),
+            }
+            self.persist(&mut state, |sb| {
+                if disk_state != DiskState::UpToDate {
+                    tracing::warn!(
                     ?disk_state,
                     "FORCED PROMOTION: declaring this node's data the newest, in a new generation"
                 );
-                sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
-                sb.flags.remove(Flags::PEER_PRIMARY);
-                sb.generations.start_new(fresh_generation());
-            } else if sb.generations.is_just_created() {
-                sb.generations.start_new(fresh_generation());
-            }
-            sb.flags.insert(Flags::PRIMARY);
-            sb.flags.remove(Flags::CRASHED_PRIMARY);
-            if !connected {
-                sb.flags.insert(Flags::PROMOTED_APART);
-            }
-        })?;
+                    sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
+                    sb.flags.remove(Flags::PEER_PRIMARY);
+                    sb.generations.start_new(fresh_generation());
+                } else if sb.generations.is_just_created() {
+                    sb.generations.start_new(fresh_generation());
+                }
+                sb.flags.insert(Flags::PRIMARY);
+                sb.flags.remove(Flags::CRASHED_PRIMARY);
+                if !connected {
+                    sb.flags.insert(Flags::PROMOTED_APART);
+                }
+            })?;
+            // A session that opens from here on says Primary in its Hello.
+            (disk_state, state_message(&state, Role::Primary))
+        };
+        let link = self.link.lock().unwrap().clone();
+        if let Some(link) = link {
+            let _ = link.send(&announcement).await;
+        }
+        let mut state = self.state.lock().unwrap();
         if disk_state != DiskState::UpToDate && !connected {
             // Writes without the peer belong to the generation just started.
             state.generation_open = true;
@@ -399,6 +429,7 @@ impl Volume {
     /// Makes this node secondary: refused while clients are attached, as a
     /// mounted device cannot be demoted under its users.
     pub async fn demote(&self) -> Result<(), Error> {
+        let _changing = self.role_change.lock().await;
         {
             // Checked and switched in one step, so no client attaches between.
             let mut state = self.state.lock().unwrap();
@@ -452,6 +483,7 @@ impl Volume {
     /// longer, after every write, so the peer may be promoted without
     /// `--force`. Waits for the peer's confirmation only for a while.
     pub async fn say_goodbye(&self) {
+        let _changing = self.role_change.lock().await;
         let link = self.link.lock().unwrap().clone();
         let Some(link) = link else { return };
         {
@@ -989,15 +1021,7 @@ impl Volume {
     /// This node's role and disk state, as the peer is told of them.
     pub fn state_message(&self) -> Message {
         let state = self.state.lock().unwrap();
-        Message::State {
-            role: u8::from(state.role == Role::Primary),
-            disk_state: if state.disk_failed {
-                peer::STATE_DISKLESS
-            } else {
-                0
-            },
-            flags: state.superblock.flags.bits(),
-        }
+        state_message(&state, state.role)
     }
 
     /// Tells a connected peer this node's role and disk state.

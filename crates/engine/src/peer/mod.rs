@@ -1104,6 +1104,16 @@ impl Manager {
                     flags,
                     data,
                 } => {
+                    // Only a primary writes, and a sync source zeroes what
+                    // its target lacks. (A node says it is primary, in its
+                    // Hello or a State, before its first write.)
+                    let peer_primary =
+                        self.peer.state.lock().unwrap().peer_role == Some(Role::Primary);
+                    if !peer_primary && !matches!(resyncing, Resyncing::AsTarget) {
+                        return Err(PeerError::Wire(
+                            "the peer sent a write but is not primary".into(),
+                        ));
+                    }
                     if flags & WRITE_FLAG_ACK_RECEIVED != 0 {
                         link.acknowledge(seq, AckKind::Received, 0).await;
                     }
