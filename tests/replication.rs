@@ -833,24 +833,24 @@ fn bad_frames_on_a_link_are_refused_without_harm() {
     // beta's name sorts second: it listens.
     let beta = res.up("beta");
     let link = first_link(&res, "beta");
-    let header = |version: u16, payload_len: u32| {
-        let mut h = blkmirror_proto::FrameHeader::for_payload(
-            blkmirror_proto::message::kind::HELLO,
-            0,
-            [0; 16],
-            0,
-            &[],
-        );
+    let header = |kind: u16, version: u16, payload_len: u32| {
+        let mut h = blkmirror_proto::FrameHeader::for_payload(kind, 0, [0; 16], 0, &[]);
         h.version = version;
         h.payload_len = payload_len;
         h.encode().to_vec()
     };
-    let inputs: [(&str, Vec<u8>); 3] = [
+    use blkmirror_proto::message::kind;
+    use blkmirror_proto::PROTOCOL_VERSION;
+    let inputs: [(&str, Vec<u8>); 4] = [
         ("garbage", vec![0x5a; 200]),
-        ("another version", header(99, 0)),
+        ("another version", header(kind::HELLO, 99, 0)),
         (
-            "an oversized payload",
-            header(blkmirror_proto::PROTOCOL_VERSION, 16 << 20),
+            "a Hello larger than any Hello",
+            header(kind::HELLO, PROTOCOL_VERSION, 16 << 20),
+        ),
+        (
+            "data before the handshake",
+            header(kind::WRITE, PROTOCOL_VERSION, 16 << 20),
         ),
     ];
     for (what, bytes) in inputs {
@@ -873,12 +873,12 @@ fn bad_frames_on_a_link_are_refused_without_harm() {
             answer.len()
         );
     }
-    // The refusal is logged just after the connection closes.
+    // The refusals are logged just after the connection closes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !beta.log().contains("at most 4096") {
+    while !(beta.log().contains("at most 1024 bytes fit") && beta.log().contains("at most 4096")) {
         assert!(
             std::time::Instant::now() < deadline,
-            "the oversized payload was refused before it was read: {}",
+            "the oversized payloads were refused before they were read: {}",
             beta.log()
         );
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -82,6 +82,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Option<(FrameHeader, Message, usize)
         return Ok(None);
     };
     let header = FrameHeader::decode(header_bytes)?;
+    Message::check_payload_len(header.kind, header.payload_len)?;
     let end = HEADER_BYTES + header.payload_len as usize;
     let Some(payload) = bytes.get(HEADER_BYTES..end) else {
         return Ok(None);

@@ -14,6 +14,11 @@ pub const MAC_BYTES: usize = 32;
 pub const BITMAP_CHUNK_MAX_BYTES: usize = 64 * 1024;
 /// Most answers one `Ack` carries.
 pub const ACK_ENTRIES_MAX: usize = 1024;
+/// A `Bitmap`'s fields before its bits.
+const BITMAP_FIXED_BYTES: usize = 16;
+/// Ample for any message without data (a Hello is the largest, with a node
+/// name of at most `NODE_NAME_MAX_BYTES`).
+const CONTROL_PAYLOAD_MAX_BYTES: u32 = 1024;
 /// An `Ack` entry on the wire: sequence number, kind, errno.
 const ACK_ENTRY_BYTES: usize = 13;
 
@@ -220,6 +225,8 @@ pub enum MessageError {
     Truncated { kind: u16 },
     #[error("Message kind {kind} has {extra} trailing bytes")]
     Trailing { kind: u16, extra: usize },
+    #[error("Message kind {kind} with a {len}-byte payload, where at most {max} bytes fit")]
+    TooLarge { kind: u16, len: u32, max: u32 },
     #[error("Message kind {kind}: {what}")]
     Invalid { kind: u16, what: &'static str },
 }
@@ -351,6 +358,40 @@ impl Message {
 
     pub fn decode_payload(kind: u16, payload: &[u8]) -> Result<Message, MessageError> {
         Message::decode_split(kind, payload, Vec::new())
+    }
+
+    /// Checks a header's payload length against the largest payload its
+    /// kind can carry. A receiver checks this before it allocates the
+    /// payload, so no frame holds more memory than its kind needs.
+    pub fn check_payload_len(kind: u16, len: u32) -> Result<(), MessageError> {
+        let max = Message::payload_max_bytes(kind).ok_or(MessageError::UnknownKind(kind))?;
+        if len > max {
+            return Err(MessageError::TooLarge { kind, len, max });
+        }
+        Ok(())
+    }
+
+    /// The largest payload a frame of `kind` can carry; `None` for a kind
+    /// this side does not know.
+    fn payload_max_bytes(kind: u16) -> Option<u32> {
+        match kind {
+            kind::WRITE | kind::RESYNC_DATA | kind::READ_REPLY => Some(crate::PAYLOAD_MAX_BYTES),
+            kind::ACK => Some((ACK_ENTRIES_MAX * ACK_ENTRY_BYTES) as u32),
+            kind::BITMAP => Some((BITMAP_FIXED_BYTES + BITMAP_CHUNK_MAX_BYTES) as u32),
+            kind::HELLO
+            | kind::AUTH_CHALLENGE
+            | kind::AUTH_RESPONSE
+            | kind::BARRIER
+            | kind::RESYNC_REQUEST
+            | kind::RESYNC_CHECKSUM
+            | kind::RESYNC_DONE
+            | kind::PING
+            | kind::PONG
+            | kind::RECEIVED
+            | kind::READ
+            | kind::STATE => Some(CONTROL_PAYLOAD_MAX_BYTES),
+            _ => None,
+        }
     }
 
     /// Where the data of a kind that ends in data starts in its payload: a
@@ -687,6 +728,12 @@ mod tests {
         }
 
         #[test]
+        fn every_message_fits_the_bound_of_its_kind(message in arb_message()) {
+            let len = message.encode_payload().len() as u32;
+            prop_assert_eq!(Message::check_payload_len(message.kind(), len), Ok(()));
+        }
+
+        #[test]
         fn arbitrary_payloads_never_panic(kind in 0u16..64, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Message::decode_payload(kind, &payload);
         }
@@ -758,6 +805,57 @@ mod tests {
     fn bitmap_runs_read_bits_least_significant_first() {
         let runs: Vec<_> = bitmap_runs(&[0b0000_0110, 0, 0b1000_0000, 0b0000_0001]).collect();
         assert_eq!(runs, vec![(1, 2), (23, 2)]);
+    }
+
+    #[test]
+    fn the_largest_messages_of_a_kind_fit_its_bound_exactly() {
+        let largest = [
+            Message::Ack {
+                entries: vec![
+                    AckEntry {
+                        seq: 1,
+                        kind: AckKind::Written,
+                        errno: 0,
+                    };
+                    ACK_ENTRIES_MAX
+                ],
+            },
+            Message::Bitmap {
+                first_bit: 0,
+                total_bits: BITMAP_CHUNK_MAX_BYTES as u64 * 8,
+                bits: vec![0xff; BITMAP_CHUNK_MAX_BYTES],
+            },
+            Message::Hello(Hello {
+                volume_uuid: [1; 16],
+                node_name: "n".repeat(NODE_NAME_MAX_BYTES),
+                link_index: 1,
+                data_size: 1,
+                granularity: 4096,
+                generations: Generations::default(),
+                flags: 0,
+                session: 1,
+                dirty_bytes: 0,
+            }),
+        ];
+        for message in largest {
+            let len = message.encode_payload().len() as u32;
+            assert_eq!(Message::check_payload_len(message.kind(), len), Ok(()));
+            if !matches!(message, Message::Hello(_)) {
+                assert!(Message::check_payload_len(message.kind(), len + 1).is_err());
+            }
+        }
+        assert_eq!(
+            Message::check_payload_len(kind::PING, 4096),
+            Err(MessageError::TooLarge {
+                kind: kind::PING,
+                len: 4096,
+                max: CONTROL_PAYLOAD_MAX_BYTES
+            })
+        );
+        assert_eq!(
+            Message::check_payload_len(63, 0),
+            Err(MessageError::UnknownKind(63))
+        );
     }
 
     #[test]

@@ -1479,6 +1479,8 @@ impl FrameReader {
                 return Err(PeerError::Wire("frame for another volume".into()));
             }
         }
+        Message::check_payload_len(header.kind, header.payload_len)
+            .map_err(|e| PeerError::Wire(e.to_string()))?;
         if header.payload_len > self.payload_max_bytes {
             return Err(PeerError::Wire(format!(
                 "a {}-byte payload where at most {} are allowed now",
@@ -1552,6 +1554,36 @@ fn disk_state_name(flags: u32) -> String {
 mod tests {
     use super::*;
     use futures_util::FutureExt;
+
+    /// A frame whose kind carries no data but whose header declares 1 MiB
+    /// is refused from its header: nothing is allocated or waited for.
+    #[tokio::test]
+    async fn a_payload_larger_than_its_kind_allows_is_refused_from_the_header() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (receiver, _) = listener.accept().await.unwrap();
+        let uuid = [7; 16];
+        let mut reader = FrameReader::new(
+            BufReader::new(receiver.into_split().0),
+            Duration::from_secs(2),
+        );
+        reader.trust(uuid);
+        let header = FrameHeader::for_payload(
+            blkmirror_proto::message::kind::PING,
+            0,
+            uuid,
+            1,
+            &vec![0; 1 << 20],
+        );
+        sender.write_all(&header.encode()).await.unwrap();
+        match reader.next_frame().await {
+            Err(PeerError::Wire(reason)) => assert!(reason.contains("at most"), "{reason}"),
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a frame without its payload was accepted"),
+        }
+    }
 
     #[tokio::test]
     async fn the_peers_requests_hold_bounded_memory() {
