@@ -36,6 +36,7 @@ pub use channel::{Channel, Lost, Reply, VolatileWrite};
 use resync::{ChunkKind, CHECKSUM_DIFFERS};
 
 use crate::volume::{Role, Volume};
+use blkmirror_io::AlignedBuf;
 
 const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(2);
@@ -1124,25 +1125,16 @@ impl Manager {
                     self.apply(link, &load, seq, offset, data, 0).await?
                 }
                 Message::ResyncChecksum { offset, len, crc } => {
-                    let share = load.read(len).await;
-                    // Compared in arrival order with writes to the same range.
-                    let ticket = self.volume.gate().register(offset, u64::from(len));
-                    let (volume, link) = (self.volume.clone(), link.clone());
-                    tokio::spawn(async move {
-                        let _share = share;
-                        let _guard = ticket.wait().await;
-                        let answer = if len > READ_MAX_BYTES {
-                            // No chunk is this large: refuse to read it whole.
-                            libc::EINVAL as u32
-                        } else {
-                            match volume.read_local(offset, u64::from(len)).await {
-                                Ok(data) if crc32c::crc32c(&data) == crc => 0,
-                                Ok(_) => CHECKSUM_DIFFERS,
-                                Err(e) => e.errno() as u32,
-                            }
+                    let link = link.clone();
+                    self.read_for_peer(&load, offset, len, move |read| async move {
+                        let answer = match read {
+                            Ok(data) if crc32c::crc32c(&data) == crc => 0,
+                            Ok(_) => CHECKSUM_DIFFERS,
+                            Err(errno) => errno,
                         };
                         link.acknowledge(seq, AckKind::Written, answer).await;
-                    });
+                    })
+                    .await
                 }
                 Message::Ack { entries } => link.answer(&entries),
                 Message::Barrier { .. } => {
@@ -1181,23 +1173,15 @@ impl Manager {
                     })
                 }
                 Message::Read { offset, len } => {
-                    let share = load.read(len).await;
-                    // Served in arrival order with writes to the same range.
-                    let ticket = self.volume.gate().register(offset, u64::from(len));
-                    let (volume, link) = (self.volume.clone(), link.clone());
-                    tokio::spawn(async move {
-                        let _share = share;
-                        let _guard = ticket.wait().await;
-                        let (errno, data) = if len > READ_MAX_BYTES {
-                            (libc::EINVAL as u32, Vec::new())
-                        } else {
-                            match volume.read_local(offset, u64::from(len)).await {
-                                Ok(data) => (0, data.to_vec()),
-                                Err(e) => (e.errno() as u32, Vec::new()),
-                            }
+                    let link = link.clone();
+                    self.read_for_peer(&load, offset, len, move |read| async move {
+                        let (errno, data) = match read {
+                            Ok(data) => (0, data.to_vec()),
+                            Err(errno) => (errno, Vec::new()),
                         };
                         let _ = link.send(&Message::ReadReply { seq, errno, data }).await;
-                    });
+                    })
+                    .await
                 }
                 Message::ReadReply { seq, errno, data } => link.answer_with_data(seq, errno, data),
                 Message::ResyncDone { current } => {
@@ -1217,6 +1201,39 @@ impl Manager {
 
     /// Applies a write from the peer: its place among overlapping writes is
     /// taken now, in arrival order; the disk write runs concurrently.
+    /// Reads a range for the peer (a diskless primary's read, a resync
+    /// checksum) and hands the data, or an errno, to `answer`, in a task of
+    /// its own: in arrival order with writes to the same range, within the
+    /// peer's share of reads. A range larger than any request ever made is
+    /// refused EINVAL rather than read whole.
+    async fn read_for_peer<Answer, Answered>(
+        &self,
+        load: &PeerLoad,
+        offset: u64,
+        len: u32,
+        answer: Answer,
+    ) where
+        Answer: FnOnce(Result<AlignedBuf, u32>) -> Answered + Send + 'static,
+        Answered: std::future::Future<Output = ()> + Send,
+    {
+        let share = load.read(len).await;
+        let ticket = self.volume.gate().register(offset, u64::from(len));
+        let volume = self.volume.clone();
+        tokio::spawn(async move {
+            let _share = share;
+            let _guard = ticket.wait().await;
+            let read = if len > READ_MAX_BYTES {
+                Err(libc::EINVAL as u32)
+            } else {
+                volume
+                    .read_local(offset, u64::from(len))
+                    .await
+                    .map_err(|e| e.errno() as u32)
+            };
+            answer(read).await;
+        });
+    }
+
     async fn apply(
         &self,
         link: &Arc<Channel>,
