@@ -136,6 +136,10 @@ struct State {
     generation_open: bool,
     /// The disk failed and is detached: this node is Diskless.
     disk_failed: bool,
+    /// A promotion is recorded on disk but not yet open to clients: the
+    /// peer is told Primary from now on, so no `State` sent meanwhile
+    /// (ahead of the clients' first write) says otherwise.
+    promoting: bool,
 }
 
 /// The metadata area's descriptor; in test builds, its writes pass the
@@ -197,10 +201,10 @@ pub struct Volume {
     session: u64,
 }
 
-/// A `State` frame saying `role` and the disk state in `state`.
-fn state_message(state: &State, role: Role) -> Message {
+/// A `State` frame saying this node's role and disk state.
+fn state_message(state: &State) -> Message {
     Message::State {
-        role: u8::from(role == Role::Primary),
+        role: u8::from(state.role == Role::Primary || state.promoting),
         disk_state: if state.disk_failed {
             peer::STATE_DISKLESS
         } else {
@@ -296,6 +300,7 @@ impl Volume {
                 superblock,
                 clients: 0,
                 generation_open: false,
+                promoting: false,
                 disk_failed: false,
             }),
             role_change: tokio::sync::Mutex::new(()),
@@ -394,9 +399,10 @@ impl Volume {
             self.persist(&mut state, |sb| {
                 if disk_state != DiskState::UpToDate {
                     tracing::warn!(
-                    ?disk_state,
-                    "FORCED PROMOTION: declaring this node's data the newest, in a new generation"
-                );
+                        ?disk_state,
+                        "FORCED PROMOTION: declaring this node's data the newest, \
+                         in a new generation"
+                    );
                     sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
                     sb.flags.remove(Flags::PEER_PRIMARY);
                     sb.generations.start_new(fresh_generation());
@@ -410,7 +416,8 @@ impl Volume {
                 }
             })?;
             // A session that opens from here on says Primary in its Hello.
-            (disk_state, state_message(&state, Role::Primary))
+            state.promoting = true;
+            (disk_state, state_message(&state))
         };
         let link = self.link.lock().unwrap().clone();
         if let Some(link) = link {
@@ -422,6 +429,7 @@ impl Volume {
             state.generation_open = true;
         }
         state.role = Role::Primary;
+        state.promoting = false;
         tracing::info!("promoted to Primary");
         Ok(())
     }
@@ -1021,7 +1029,7 @@ impl Volume {
     /// This node's role and disk state, as the peer is told of them.
     pub fn state_message(&self) -> Message {
         let state = self.state.lock().unwrap();
-        state_message(&state, state.role)
+        state_message(&state)
     }
 
     /// Tells a connected peer this node's role and disk state.
@@ -1347,5 +1355,68 @@ impl Volume {
         let outgoing = self.outgoing_write(&link, offset, flags, &len.to_le_bytes());
         self.replicate(&link, outgoing, (offset, len), local, logged)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkmirror_config::Endpoint;
+
+    /// A node promoted while connected tells its peer so before any write
+    /// it takes: the peer refuses writes from a node it knows as secondary.
+    #[tokio::test]
+    async fn a_promotion_reaches_the_peer_before_the_first_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("alpha.img");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&disk)
+            .unwrap();
+        file.set_len(64 << 20).unwrap();
+        let options = metadata::CreateOptions {
+            node_name: "alpha",
+            disk_size: 64 << 20,
+            granularity: 4096,
+            volume_uuid: Uuid::new_v4(),
+            force: false,
+        };
+        metadata::create(&file, &options).unwrap();
+        let node = NodeConfig {
+            name: "alpha".into(),
+            disk,
+            links: Vec::new(),
+            control: dir.path().join("alpha.ctl"),
+            nbd: Endpoint::Unix(dir.path().join("alpha.nbd")),
+            ublk: None,
+        };
+        let volume = Volume::open("r0", &node, Protocol::C, 16).unwrap();
+        volume.start().await.unwrap();
+        let ((link, _), (_, mut peer)) = peer::channel_pair(1).await;
+        volume.set_link(Some(link));
+
+        volume.promote(true).await.unwrap();
+        let writer = volume.clone();
+        let _writing = tokio::spawn(async move {
+            writer
+                .write(0, AlignedBuf::from_slice(&[1; 4096]), false)
+                .await
+        });
+        let (_, first) = peer.next().await.unwrap();
+        assert!(
+            matches!(first, Message::State { role: 1, .. }),
+            "the peer first hears a frame of kind {}",
+            first.kind()
+        );
+        // (A barrier may come first, for the write's activity log extent.)
+        loop {
+            match peer.next().await.unwrap().1 {
+                Message::Write { offset: 0, .. } => break,
+                Message::Barrier { .. } => continue,
+                other => panic!("unexpected frame of kind {}", other.kind()),
+            }
+        }
     }
 }

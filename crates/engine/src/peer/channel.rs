@@ -921,7 +921,7 @@ fn queue_on(links: &[Option<LinkSlot>; LINKS_MAX], index: usize, seq: u64, frame
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use futures_util::FutureExt;
     use tokio::io::BufReader;
@@ -961,7 +961,7 @@ mod tests {
     }
 
     /// Two channels joined by `links` connections.
-    async fn pair(links: usize) -> ((Arc<Channel>, Inbox), (Arc<Channel>, Inbox)) {
+    pub(crate) async fn pair(links: usize) -> ((Arc<Channel>, Inbox), (Arc<Channel>, Inbox)) {
         pair_timed(links, Duration::from_secs(2)).await
     }
 

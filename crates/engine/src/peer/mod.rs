@@ -32,6 +32,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
+#[cfg(test)]
+pub(crate) use channel::tests::pair as channel_pair;
 pub use channel::{Channel, Lost, Reply, VolatileWrite};
 use resync::{ChunkKind, CHECKSUM_DIFFERS};
 
