@@ -381,47 +381,12 @@ impl Volume {
     pub async fn promote(&self, force: bool) -> Result<(), Error> {
         let _changing = self.role_change.lock().await;
         let connected = self.link.lock().unwrap().is_some();
-        let (disk_state, announcement) = {
-            let mut state = self.state.lock().unwrap();
-            if state.role == Role::Primary {
-                return Ok(());
-            }
-            if state.disk_failed {
-                return Err(Error::DiskFailed);
-            }
-            let disk_state = disk_state(state.superblock.flags, connected);
-            match disk_state {
-                DiskState::UpToDate => {}
-                _ if force => {}
-                DiskState::Consistent => return Err(Error::PeerMayHaveWritten),
-                disk_state => return Err(Error::NotUpToDate { disk_state }),
-            }
-            self.persist(&mut state, |sb| {
-                if disk_state != DiskState::UpToDate {
-                    tracing::warn!(
-                        ?disk_state,
-                        "FORCED PROMOTION: declaring this node's data the newest, \
-                         in a new generation"
-                    );
-                    sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
-                    sb.flags.remove(Flags::PEER_PRIMARY);
-                    sb.generations.start_new(fresh_generation());
-                } else if sb.generations.is_just_created() {
-                    sb.generations.start_new(fresh_generation());
-                }
-                sb.flags.insert(Flags::PRIMARY);
-                sb.flags.remove(Flags::CRASHED_PRIMARY);
-                if !connected {
-                    sb.flags.insert(Flags::PROMOTED_APART);
-                }
-            })?;
-            // A session that opens from here on says Primary in its Hello.
-            state.promoting = true;
-            (disk_state, state_message(&state))
+        let Some(disk_state) = self.record_promotion(force, connected)? else {
+            return Ok(());
         };
         let link = self.link.lock().unwrap().clone();
         if let Some(link) = link {
-            let _ = link.send(&announcement).await;
+            let _ = link.send(&self.state_message()).await;
         }
         let mut state = self.state.lock().unwrap();
         if disk_state != DiskState::UpToDate && !connected {
@@ -432,6 +397,46 @@ impl Volume {
         state.promoting = false;
         tracing::info!("promoted to Primary");
         Ok(())
+    }
+
+    /// Checks and records a promotion on disk; from then on a session that
+    /// opens says Primary in its Hello, and every `State` does. Returns the
+    /// disk state promoted, or `None` when this node is primary already.
+    fn record_promotion(&self, force: bool, connected: bool) -> Result<Option<DiskState>, Error> {
+        let mut state = self.state.lock().unwrap();
+        if state.role == Role::Primary {
+            return Ok(None);
+        }
+        if state.disk_failed {
+            return Err(Error::DiskFailed);
+        }
+        let disk_state = disk_state(state.superblock.flags, connected);
+        match disk_state {
+            DiskState::UpToDate => {}
+            _ if force => {}
+            DiskState::Consistent => return Err(Error::PeerMayHaveWritten),
+            disk_state => return Err(Error::NotUpToDate { disk_state }),
+        }
+        self.persist(&mut state, |sb| {
+            if disk_state != DiskState::UpToDate {
+                tracing::warn!(
+                    ?disk_state,
+                    "FORCED PROMOTION: declaring this node's data the newest, in a new generation"
+                );
+                sb.flags.insert(Flags::CONSISTENT | Flags::UP_TO_DATE);
+                sb.flags.remove(Flags::PEER_PRIMARY);
+                sb.generations.start_new(fresh_generation());
+            } else if sb.generations.is_just_created() {
+                sb.generations.start_new(fresh_generation());
+            }
+            sb.flags.insert(Flags::PRIMARY);
+            sb.flags.remove(Flags::CRASHED_PRIMARY);
+            if !connected {
+                sb.flags.insert(Flags::PROMOTED_APART);
+            }
+        })?;
+        state.promoting = true;
+        Ok(Some(disk_state))
     }
 
     /// Makes this node secondary: refused while clients are attached, as a
