@@ -944,6 +944,21 @@ impl FakeAlpha {
         self.stream.write_all(&frame).unwrap();
     }
 
+    /// Beta's answer (an errno) to frame `seq`, skipping all else.
+    fn answer(&mut self, seq: u64) -> u32 {
+        loop {
+            let message = self.next();
+            let Some(message) = message else {
+                panic!("beta closed the connection before answering frame {seq}");
+            };
+            if let blkmirror_proto::Message::Ack { entries } = message {
+                if let Some(entry) = entries.iter().find(|e| e.seq == seq) {
+                    return entry.errno;
+                }
+            }
+        }
+    }
+
     /// The next message from beta; `None` once it closed the connection.
     fn next(&mut self) -> Option<blkmirror_proto::Message> {
         use std::io::Read;
@@ -1042,17 +1057,7 @@ fn an_oversized_checksum_request_is_refused() {
         crc: 0,
     };
     fake.send(1, &oversized);
-    let errno = loop {
-        match fake.next().expect("beta answers before it closes") {
-            blkmirror_proto::Message::Ack { entries } => {
-                if let Some(entry) = entries.iter().find(|e| e.seq == 1) {
-                    break entry.errno;
-                }
-            }
-            _ => continue,
-        }
-    };
-    assert_eq!(errno, libc::EINVAL as u32);
+    assert_eq!(fake.answer(1), libc::EINVAL as u32);
 }
 
 /// Only a primary writes: a peer that has not said it is primary (in its
@@ -1082,16 +1087,6 @@ fn writes_from_a_peer_that_is_not_primary_are_refused() {
     };
     fake.send(1, &primary);
     fake.send(2, &write);
-    let errno = loop {
-        match fake.next().expect("beta answers the write") {
-            blkmirror_proto::Message::Ack { entries } => {
-                if let Some(entry) = entries.iter().find(|e| e.seq == 2) {
-                    break entry.errno;
-                }
-            }
-            _ => continue,
-        }
-    };
-    assert_eq!(errno, 0, "beta applied the write");
+    assert_eq!(fake.answer(2), 0, "beta applied the write");
     assert!(res.data_area("beta")[..4096] == [0xee; 4096]);
 }
