@@ -1052,7 +1052,15 @@ impl Volume {
     /// From now on writes go to the peer through `link`; returns once every
     /// write that went without it has finished (and marked the bitmap).
     pub async fn link_up(&self, link: Arc<Channel>) {
-        self.set_link(Some(link));
+        {
+            // The peer knows this node's role from a Hello that may predate
+            // a promotion (which then had no link to tell): say it again
+            // before any write takes the link. Under the role lock, so a
+            // promotion either sees this link or is announced here.
+            let _changing = self.role_change.lock().await;
+            let _ = link.send(&self.state_message()).await;
+            self.set_link(Some(link));
+        }
         let _ = self
             .unlinked_writes
             .subscribe()
@@ -1366,14 +1374,12 @@ impl Volume {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peer::Inbox;
     use blkmirror_config::Endpoint;
 
-    /// A node promoted while connected tells its peer so before any write
-    /// it takes: the peer refuses writes from a node it knows as secondary.
-    #[tokio::test]
-    async fn a_promotion_reaches_the_peer_before_the_first_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let disk = dir.path().join("alpha.img");
+    /// A started volume on a fresh 64 MiB disk in `dir`, as node alpha.
+    async fn fresh_volume(dir: &std::path::Path) -> Arc<Volume> {
+        let disk = dir.join("alpha.img");
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1393,16 +1399,18 @@ mod tests {
             name: "alpha".into(),
             disk,
             links: Vec::new(),
-            control: dir.path().join("alpha.ctl"),
-            nbd: Endpoint::Unix(dir.path().join("alpha.nbd")),
+            control: dir.join("alpha.ctl"),
+            nbd: Endpoint::Unix(dir.join("alpha.nbd")),
             ublk: None,
         };
         let volume = Volume::open("r0", &node, Protocol::C, 16).unwrap();
         volume.start().await.unwrap();
-        let ((link, _), (_, mut peer)) = peer::channel_pair(1).await;
-        volume.set_link(Some(link));
+        volume
+    }
 
-        volume.promote(true).await.unwrap();
+    /// Writes a block in the background, and checks that the peer first
+    /// hears this node is primary, then gets the write.
+    async fn expect_primary_before_the_write(volume: &Arc<Volume>, peer: &mut Inbox) {
         let writer = volume.clone();
         let _writing = tokio::spawn(async move {
             writer
@@ -1423,5 +1431,29 @@ mod tests {
                 other => panic!("unexpected frame of kind {}", other.kind()),
             }
         }
+    }
+
+    /// A node promoted while connected tells its peer so before any write
+    /// it takes: the peer refuses writes from a node it knows as secondary.
+    #[tokio::test]
+    async fn a_promotion_reaches_the_peer_before_the_first_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        let ((link, _), (_, mut peer)) = peer::channel_pair(1).await;
+        volume.set_link(Some(link));
+        volume.promote(true).await.unwrap();
+        expect_primary_before_the_write(&volume, &mut peer).await;
+    }
+
+    /// A promotion between a session's Hello and its link coming up had no
+    /// link to tell: the link's coming up tells the peer instead.
+    #[tokio::test]
+    async fn a_link_that_comes_up_after_a_promotion_says_so_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        volume.promote(true).await.unwrap();
+        let ((link, _), (_, mut peer)) = peer::channel_pair(1).await;
+        volume.link_up(link).await;
+        expect_primary_before_the_write(&volume, &mut peer).await;
     }
 }

@@ -33,7 +33,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 #[cfg(test)]
-pub(crate) use channel::tests::pair as channel_pair;
+pub(crate) use channel::{tests::pair as channel_pair, Inbox};
 pub use channel::{Channel, Lost, Reply, VolatileWrite};
 use resync::{ChunkKind, CHECKSUM_DIFFERS};
 
