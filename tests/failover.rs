@@ -467,6 +467,46 @@ async fn a_failing_primary_disk_leaves_a_diskless_primary() {
     work.verify("alpha's new disk", &res.data_area("alpha"));
 }
 
+/// A diskless primary's write stands only on its peer's disk: when that
+/// disk fails it, the client hears the error, not success. (Here alpha's
+/// metadata area still works, so nothing else makes the write fail.)
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_reaches_no_disk_is_not_acknowledged() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, _beta) = synced_pair(&res);
+    let write = |offset: u64| {
+        let output = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", &res.uri("alpha")])
+            .args(["-c", &format!("write -P 0x5a {offset} 4k")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+            + &String::from_utf8_lossy(&output.stderr)
+    };
+    res.ok(
+        "alpha",
+        &["fault", &format!("fail-write={DATA_OFFSET}-{DISK_BYTES}")],
+    );
+    let first = write(0);
+    assert!(!first.contains("failed"), "beta's disk has it: {first}");
+    assert_eq!(res.status("alpha")["disk_state"], "Diskless");
+
+    let block = DATA_OFFSET + 4096;
+    res.ok(
+        "beta",
+        &["fault", &format!("fail-write={block}-{}", block + 4096)],
+    );
+    let second = write(4096);
+    assert!(
+        second.contains("write failed"),
+        "the client heard success for a write that no disk holds: {second}"
+    );
+}
+
 /// `after-sb-0pri = "discard-younger-primary"`: beta was promoted while the
 /// two were apart, alpha was primary before they parted, so beta's changes
 /// go.

@@ -750,17 +750,21 @@ impl Volume {
         };
         let (local, remote) = tokio::join!(local, remote);
         if let Err(Error::Io(e @ blkmirror_io::Error::Io { .. })) = &local {
-            // The local disk failed: it is detached, and the write stands
-            // if the peer's disk has it.
+            // The local disk failed: it is detached.
             self.detach_failed_disk(e);
+        }
+        if self.is_diskless() {
+            // No disk here (since now or before): the write stands only if
+            // the peer's disk has it.
             let answer = match remote {
                 Ok(PeerHalf::Answered { errno, .. }) => Ok(errno),
                 Ok(PeerHalf::Pending(reply)) => reply.written().await,
                 Err(Lost) => Err(Lost),
             };
-            return match answer {
-                Ok(0) => Ok(()),
-                _ => local,
+            return match (answer, local) {
+                (Ok(0), _) => Ok(()),
+                (_, Err(e)) => Err(e),
+                (_, Ok(())) => Err(Error::DiskFailed),
             };
         }
         local?;
