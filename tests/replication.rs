@@ -1090,3 +1090,25 @@ fn writes_from_a_peer_that_is_not_primary_are_refused() {
     assert_eq!(fake.answer(2), 0, "beta applied the write");
     assert!(res.data_area("beta")[..4096] == [0xee; 4096]);
 }
+
+/// Two nodes promoted at once each saw the other secondary: the `State`
+/// that says the peer became primary too ends the session, before either
+/// takes the other's writes.
+#[test]
+fn a_peer_that_becomes_primary_beside_a_primary_is_refused() {
+    let res = Resource::new();
+    let (_beta, _) = beta_alone(&res);
+    res.ok("beta", &["primary"]);
+    let mut fake = FakeAlpha::connect(&res, |hello| {
+        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
+    });
+    let primary = blkmirror_proto::Message::State {
+        role: 1,
+        disk_state: 0,
+        flags: 0,
+    };
+    fake.send(1, &primary);
+    while fake.next().is_some() {}
+    res.wait_error("beta", "two primaries");
+    assert_eq!(res.status("beta")["role"], "Primary");
+}

@@ -357,6 +357,12 @@ impl Volume {
         self.state.lock().unwrap().role
     }
 
+    /// Primary, or becoming it: what this node tells its peer.
+    pub fn says_primary(&self) -> bool {
+        let state = self.state.lock().unwrap();
+        state.role == Role::Primary || state.promoting
+    }
+
     /// Writes a changed copy of the superblock, and adopts it only once it
     /// is on disk: memory never claims a state the disk does not hold.
     fn persist(

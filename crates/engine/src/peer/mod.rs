@@ -1160,6 +1160,12 @@ impl Manager {
                     disk_state,
                     flags,
                 } => {
+                    // Both promoted at once: neither saw the other primary.
+                    if role == 1 && self.volume.says_primary() {
+                        return Err(PeerError::Refused(
+                            "the peer became primary too: two primaries; disconnecting".into(),
+                        ));
+                    }
                     self.volume.note_peer_role(role == 1)?;
                     self.peer.set(|s| {
                         s.peer_role = Some(if role == 1 {
