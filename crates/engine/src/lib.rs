@@ -65,6 +65,11 @@ pub enum Error {
     DiscardOnPrimary,
     #[error("Refusing to promote: the peer {0} is primary, and two primaries are never allowed while connected")]
     PeerIsPrimary(String),
+    #[error(
+        "This node became primary while the handshake made it the sync target; a primary is \
+         never overwritten by a resync: reconnecting, so the peers decide again"
+    )]
+    PrimaryAsSyncTarget,
     #[error("Refusing to invalidate a primary: its data is what clients see; demote it first")]
     InvalidatePrimary,
     #[error("Refusing to demote: {0} NBD client(s) still attached; disconnect them first")]

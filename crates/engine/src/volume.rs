@@ -1175,6 +1175,11 @@ impl Volume {
     /// completes its data is Inconsistent, even across a crash.
     pub async fn begin_sync_target(&self) -> Result<(), Error> {
         let mut state = self.state.lock().unwrap();
+        // The Hellos that decided were built before a promotion (forced)
+        // could open this node to clients; from here on it cannot.
+        if state.role == Role::Primary || state.promoting {
+            return Err(Error::PrimaryAsSyncTarget);
+        }
         self.persist(&mut state, |sb| {
             sb.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE)
         })
@@ -1453,6 +1458,20 @@ mod tests {
         volume.set_link(Some(link));
         volume.promote(true).await.unwrap();
         expect_primary_before_the_write(&volume, &mut peer).await;
+    }
+
+    /// A node promoted after the handshake chose it as the sync target is
+    /// not made one: the resync would overwrite what its clients see.
+    #[tokio::test]
+    async fn a_primary_is_never_made_a_sync_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        volume.promote(true).await.unwrap();
+        assert!(matches!(
+            volume.begin_sync_target().await,
+            Err(Error::PrimaryAsSyncTarget)
+        ));
+        assert_eq!(volume.status().disk_state, DiskState::UpToDate);
     }
 
     /// A promotion between a session's Hello and its link coming up had no
