@@ -392,7 +392,7 @@ impl Volume {
         };
         let link = self.link.lock().unwrap().clone();
         if let Some(link) = link {
-            let _ = link.send(&self.state_message()).await;
+            self.tell_role(&link).await;
         }
         let mut state = self.state.lock().unwrap();
         if disk_state != DiskState::UpToDate && !connected {
@@ -512,7 +512,7 @@ impl Volume {
             }
             state.role = Role::Secondary;
         }
-        let _ = link.send(&self.state_message()).await;
+        self.tell_role(&link).await;
         match tokio::time::timeout(GOODBYE_WAIT, link.barrier()).await {
             Ok(Ok(0)) => tracing::info!("the peer knows this node is primary no longer"),
             _ => tracing::warn!(
@@ -1051,7 +1051,20 @@ impl Volume {
     pub async fn announce_state(&self) {
         let link = self.link.lock().unwrap().clone();
         if let Some(link) = link {
-            let _ = link.send(&self.state_message()).await;
+            self.tell_role(&link).await;
+        }
+    }
+
+    /// Sends this node's `State` on `link`. A peer that takes no frame for
+    /// its timeout (its window full) loses the session rather than hold
+    /// the caller: the next session's Hello says the same.
+    async fn tell_role(&self, link: &Channel) {
+        let message = self.state_message();
+        if tokio::time::timeout(link.timeout(), link.send(&message))
+            .await
+            .is_err()
+        {
+            link.close("the peer took no frames for its timeout; its role news could not be sent");
         }
     }
 
@@ -1068,7 +1081,7 @@ impl Volume {
             // before any write takes the link. Under the role lock, so a
             // promotion either sees this link or is announced here.
             let _changing = self.role_change.lock().await;
-            let _ = link.send(&self.state_message()).await;
+            self.tell_role(&link).await;
             self.set_link(Some(link));
         }
         let _ = self
@@ -1458,6 +1471,34 @@ mod tests {
         volume.set_link(Some(link));
         volume.promote(true).await.unwrap();
         expect_primary_before_the_write(&volume, &mut peer).await;
+    }
+
+    /// A peer that takes no frames cannot hold a promotion: once its
+    /// timeout has passed with the window full, the session ends and the
+    /// node is primary.
+    #[tokio::test]
+    async fn a_peer_that_takes_no_frames_does_not_hold_a_promotion() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        let ((link, _), (_, _peer_never_reads)) = peer::channel_pair(1).await;
+        // 64 frames of exactly 1 MiB fill the 64 MiB window.
+        let data_bytes =
+            (1 << 20) - blkmirror_proto::HEADER_BYTES - blkmirror_proto::message::WRITE_FIXED_BYTES;
+        for n in 0..64 {
+            let write = Message::Write {
+                offset: n << 20,
+                flags: 0,
+                data: vec![0; data_bytes],
+            };
+            link.send(&write).await.unwrap();
+        }
+        volume.set_link(Some(link.clone()));
+        tokio::time::timeout(std::time::Duration::from_secs(20), volume.promote(true))
+            .await
+            .expect("the promotion was held by the peer")
+            .unwrap();
+        assert!(link.is_closed());
+        assert_eq!(volume.role(), Role::Primary);
     }
 
     /// A node promoted after the handshake chose it as the sync target is

@@ -671,6 +671,11 @@ impl Channel {
         drop(dead);
     }
 
+    /// How long the peer may stay silent before a link counts as dead.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Ends the channel: every waiter hears `Lost`, every link is dropped.
     pub fn close(&self, reason: &str) {
         let links = {
