@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use blkmirror_config::{AfterSplitBrain, Config, LINKS_MAX};
+use blkmirror_io::AlignedBuf;
 use blkmirror_metadata::superblock::Flags;
 use blkmirror_metadata::sync_decision::{decide, SyncDecision};
 use blkmirror_proto::message::{
@@ -38,7 +39,6 @@ pub use channel::{Channel, Lost, Reply, VolatileWrite};
 use resync::{ChunkKind, CHECKSUM_DIFFERS};
 
 use crate::volume::{Role, Volume};
-use blkmirror_io::AlignedBuf;
 
 const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(2);
@@ -1207,8 +1207,6 @@ impl Manager {
         }
     }
 
-    /// Applies a write from the peer: its place among overlapping writes is
-    /// taken now, in arrival order; the disk write runs concurrently.
     /// Reads a range for the peer (a diskless primary's read, a resync
     /// checksum) and hands the data, or an errno, to `answer`, in a task of
     /// its own: in arrival order with writes to the same range, within the
@@ -1242,6 +1240,8 @@ impl Manager {
         });
     }
 
+    /// Applies a write from the peer: its place among overlapping writes is
+    /// taken now, in arrival order; the disk write runs concurrently.
     async fn apply(
         &self,
         link: &Arc<Channel>,
