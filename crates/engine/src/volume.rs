@@ -201,10 +201,17 @@ pub struct Volume {
     session: u64,
 }
 
+impl State {
+    /// Primary, or becoming it: what this node tells its peer.
+    fn says_primary(&self) -> bool {
+        self.role == Role::Primary || self.promoting
+    }
+}
+
 /// A `State` frame saying this node's role and disk state.
 fn state_message(state: &State) -> Message {
     Message::State {
-        role: u8::from(state.role == Role::Primary || state.promoting),
+        role: u8::from(state.says_primary()),
         disk_state: if state.disk_failed {
             peer::STATE_DISKLESS
         } else {
@@ -359,8 +366,7 @@ impl Volume {
 
     /// Primary, or becoming it: what this node tells its peer.
     pub fn says_primary(&self) -> bool {
-        let state = self.state.lock().unwrap();
-        state.role == Role::Primary || state.promoting
+        self.state.lock().unwrap().says_primary()
     }
 
     /// Writes a changed copy of the superblock, and adopts it only once it
@@ -1190,7 +1196,7 @@ impl Volume {
         let mut state = self.state.lock().unwrap();
         // The Hellos that decided were built before a promotion (forced)
         // could open this node to clients; from here on it cannot.
-        if state.role == Role::Primary || state.promoting {
+        if state.says_primary() {
             return Err(Error::PrimaryAsSyncTarget);
         }
         self.persist(&mut state, |sb| {
