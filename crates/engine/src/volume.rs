@@ -1081,11 +1081,15 @@ impl Volume {
     /// From now on writes go to the peer through `link`; returns once every
     /// write that went without it has finished (and marked the bitmap).
     pub async fn link_up(&self, link: Arc<Channel>) {
-        {
+        let already =
+            matches!(&*self.link.lock().unwrap(), Some(current) if Arc::ptr_eq(current, &link));
+        if !already {
             // The peer knows this node's role from a Hello that may predate
             // a promotion (which then had no link to tell): say it again
             // before any write takes the link. Under the role lock, so a
-            // promotion either sees this link or is announced here.
+            // promotion either sees this link or is announced here. (Not
+            // again once the link carries writes: the State would wait
+            // behind them for window space.)
             let _changing = self.role_change.lock().await;
             self.tell_role(&link).await;
             self.set_link(Some(link));
@@ -1505,6 +1509,41 @@ mod tests {
             .unwrap();
         assert!(link.is_closed());
         assert_eq!(volume.role(), Role::Primary);
+    }
+
+    /// The link a session set up again (a sync source's, once in sync)
+    /// carries writes already: it sends no State to wait behind them.
+    #[tokio::test]
+    async fn a_link_set_up_again_sends_nothing_behind_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        let ((link, _), (_, _peer_never_reads)) = peer::channel_pair(1).await;
+        volume.link_up(link.clone()).await;
+        // Writes fill the window, unconfirmed, to its last unit.
+        let write = Message::Write {
+            offset: 0,
+            flags: 0,
+            data: vec![0; 1 << 20],
+        };
+        let small = Message::Barrier { epoch: 1 };
+        for message in [write, small] {
+            for _ in 0..300 {
+                let sent = tokio::time::timeout(
+                    std::time::Duration::from_millis(100),
+                    link.send(&message),
+                );
+                if sent.await.is_err() {
+                    break;
+                }
+            }
+        }
+        tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            volume.link_up(link.clone()),
+        )
+        .await
+        .expect("link_up waited for window space");
+        assert!(!link.is_closed());
     }
 
     /// A node promoted after the handshake chose it as the sync target is
