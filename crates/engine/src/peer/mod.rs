@@ -1251,7 +1251,7 @@ impl Manager {
         data: Vec<u8>,
         flags: u32,
     ) -> Result<(), PeerError> {
-        if self.volume.role() == Role::Primary {
+        if self.volume.says_primary() {
             return Err(PeerError::Refused(
                 "the peer sent writes to a primary: two primaries; disconnecting".into(),
             ));
