@@ -507,6 +507,32 @@ async fn a_write_that_reaches_no_disk_is_not_acknowledged() {
     );
 }
 
+/// Protocol A: a write the client has heard of but the peer never
+/// answered is marked on disk when the node goes down, so the next
+/// connection copies it (the clean shutdown means no activity-log replay).
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_unanswered_at_shutdown_is_marked_on_disk() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    res.set_protocol("A");
+    let (alpha, _beta) = synced_pair(&res);
+    let block = DATA_OFFSET + (1 << 20);
+    res.ok(
+        "beta",
+        &["fault", &format!("stall-write={block}-{}", block + 4096)],
+    );
+    res.qemu_io("alpha", &["write -P 0x5a 1M 4k"]);
+    res.down("alpha", alpha);
+    let metadata = res.json("alpha", &["dump-md", "--json"]);
+    assert!(
+        metadata["out_of_sync_bytes"].as_u64().unwrap() >= 4096,
+        "the unanswered write is not marked: {metadata}"
+    );
+}
+
 /// `after-sb-0pri = "discard-younger-primary"`: beta was promoted while the
 /// two were apart, alpha was primary before they parted, so beta's changes
 /// go.
