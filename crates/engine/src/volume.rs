@@ -392,11 +392,11 @@ impl Volume {
     /// takes writes only from a primary, and frames arrive in order.
     pub async fn promote(&self, force: bool) -> Result<(), Error> {
         let _changing = self.role_change.lock().await;
-        let connected = self.link.lock().unwrap().is_some();
+        let link = self.link.lock().unwrap().clone();
+        let connected = link.is_some();
         let Some(disk_state) = self.record_promotion(force, connected)? else {
             return Ok(());
         };
-        let link = self.link.lock().unwrap().clone();
         if let Some(link) = link {
             self.tell_role(&link).await;
         }
@@ -1446,6 +1446,28 @@ mod tests {
         volume
     }
 
+    /// Sends frames on `link`, which the peer never takes, until its window
+    /// is full to the last unit.
+    async fn fill_window(link: &Channel) {
+        let large = Message::Write {
+            offset: 0,
+            flags: 0,
+            data: vec![0; 1 << 20],
+        };
+        let small = Message::Barrier { epoch: 1 };
+        for message in [large, small] {
+            for _ in 0..300 {
+                let sent = tokio::time::timeout(
+                    std::time::Duration::from_millis(100),
+                    link.send(&message),
+                );
+                if sent.await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
     /// Writes a block in the background, and checks that the peer first
     /// hears this node is primary, then gets the write.
     async fn expect_primary_before_the_write(volume: &Arc<Volume>, peer: &mut Inbox) {
@@ -1491,17 +1513,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let volume = fresh_volume(dir.path()).await;
         let ((link, _), (_, _peer_never_reads)) = peer::channel_pair(1).await;
-        // 64 frames of exactly 1 MiB fill the 64 MiB window.
-        let data_bytes =
-            (1 << 20) - blkmirror_proto::HEADER_BYTES - blkmirror_proto::message::WRITE_FIXED_BYTES;
-        for n in 0..64 {
-            let write = Message::Write {
-                offset: n << 20,
-                flags: 0,
-                data: vec![0; data_bytes],
-            };
-            link.send(&write).await.unwrap();
-        }
+        fill_window(&link).await;
         volume.set_link(Some(link.clone()));
         tokio::time::timeout(std::time::Duration::from_secs(20), volume.promote(true))
             .await
@@ -1519,24 +1531,7 @@ mod tests {
         let volume = fresh_volume(dir.path()).await;
         let ((link, _), (_, _peer_never_reads)) = peer::channel_pair(1).await;
         volume.link_up(link.clone()).await;
-        // Writes fill the window, unconfirmed, to its last unit.
-        let write = Message::Write {
-            offset: 0,
-            flags: 0,
-            data: vec![0; 1 << 20],
-        };
-        let small = Message::Barrier { epoch: 1 };
-        for message in [write, small] {
-            for _ in 0..300 {
-                let sent = tokio::time::timeout(
-                    std::time::Duration::from_millis(100),
-                    link.send(&message),
-                );
-                if sent.await.is_err() {
-                    break;
-                }
-            }
-        }
+        fill_window(&link).await;
         tokio::time::timeout(
             std::time::Duration::from_secs(1),
             volume.link_up(link.clone()),
