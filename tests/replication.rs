@@ -947,8 +947,7 @@ impl FakeAlpha {
     /// Beta's answer (an errno) to frame `seq`, skipping all else.
     fn answer(&mut self, seq: u64) -> u32 {
         loop {
-            let message = self.next();
-            let Some(message) = message else {
+            let Some(message) = self.next() else {
                 panic!("beta closed the connection before answering frame {seq}");
             };
             if let blkmirror_proto::Message::Ack { entries } = message {
