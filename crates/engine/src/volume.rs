@@ -197,6 +197,9 @@ pub struct Volume {
     /// Writes under way that go without the peer (they mark the bitmap):
     /// a resync starts only once they are done, so it reads what they wrote.
     unlinked_writes: tokio::sync::watch::Sender<usize>,
+    /// Protocol A and B writes the client has heard of whose peer answer
+    /// is still awaited: shutdown waits until each is marked or confirmed.
+    unanswered_writes: tokio::sync::watch::Sender<usize>,
     /// Random per process start, sent in Hello.
     session: u64,
 }
@@ -225,13 +228,20 @@ fn state_message(state: &State) -> Message {
 enum WriteRoute<'a> {
     Peer(Arc<Channel>),
     /// Only to the local disk, marked in the bitmap.
-    LocalOnly(UnlinkedWrite<'a>),
+    LocalOnly(InFlight<'a>),
 }
 
-/// Counts a write that goes without the peer until it is done.
-struct UnlinkedWrite<'a>(&'a tokio::sync::watch::Sender<usize>);
+/// Counts an operation in a counter others wait on, until dropped.
+struct InFlight<'a>(&'a tokio::sync::watch::Sender<usize>);
 
-impl Drop for UnlinkedWrite<'_> {
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a tokio::sync::watch::Sender<usize>) -> InFlight<'a> {
+        counter.send_modify(|n| *n += 1);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);
     }
@@ -317,6 +327,7 @@ impl Volume {
             protocol,
             application_writes: AtomicU64::new(0),
             unlinked_writes: tokio::sync::watch::channel(0).0,
+            unanswered_writes: tokio::sync::watch::channel(0).0,
             session: fresh_generation(),
         }))
     }
@@ -527,7 +538,8 @@ impl Volume {
         }
     }
 
-    /// Flushes the data and records a clean shutdown.
+    /// Flushes the data and records a clean shutdown, once every write the
+    /// peer left unanswered is marked for resync.
     pub async fn shutdown(&self) -> Result<(), Error> {
         if self.is_diskless() {
             tracing::warn!("the disk failed: nothing recorded on it at shutdown");
@@ -539,10 +551,26 @@ impl Volume {
             link.close("shutting down");
             self.session_over(&link)?;
         }
+        // Closed, the session fails the writes still awaiting the peer's
+        // answer; their tasks mark them in the bitmap flushed below.
+        let all_marked = tokio::time::timeout(
+            GOODBYE_WAIT,
+            self.unanswered_writes
+                .subscribe()
+                .wait_for(|writes| *writes == 0),
+        )
+        .await
+        .is_ok();
         self.tracker.flush(&self.store).await?;
         self.store.flush().await?;
         let mut state = self.state.lock().unwrap();
         state.role = Role::Secondary;
+        if !all_marked {
+            // Left as a crash leaves it: the unmarked writes are still in
+            // the activity log, which the next start reads.
+            tracing::warn!("writes the peer never answered are not all marked; the shutdown is recorded as a crash");
+            return Ok(());
+        }
         self.persist(&mut state, |sb| {
             sb.flags.remove(Flags::PRIMARY);
             sb.flags.insert(Flags::CLEAN_SHUTDOWN);
@@ -790,7 +818,10 @@ impl Volume {
             Err(Lost) => self.peer_result(link, 0, write, Err(Lost)),
             Ok(PeerHalf::Pending(reply)) => {
                 let (volume, link) = (self.clone(), link.clone());
+                // Counted before the task runs, so shutdown cannot miss it.
+                self.unanswered_writes.send_modify(|n| *n += 1);
                 tokio::spawn(async move {
+                    let _counted = InFlight(&volume.unanswered_writes);
                     let seq = reply.seq();
                     let answer = reply.written().await;
                     if let Err(e) = volume.peer_result(&link, seq, write, answer) {
@@ -822,10 +853,7 @@ impl Volume {
             let link = self.link.lock().unwrap();
             match &*link {
                 Some(link) => WriteRoute::Peer(link.clone()),
-                None => {
-                    self.unlinked_writes.send_modify(|n| *n += 1);
-                    WriteRoute::LocalOnly(UnlinkedWrite(&self.unlinked_writes))
-                }
+                None => WriteRoute::LocalOnly(InFlight::enter(&self.unlinked_writes)),
             }
         };
         if self.is_diskless() {
@@ -1417,6 +1445,10 @@ mod tests {
 
     /// A started volume on a fresh 64 MiB disk in `dir`, as node alpha.
     async fn fresh_volume(dir: &std::path::Path) -> Arc<Volume> {
+        fresh_volume_with(dir, Protocol::C).await
+    }
+
+    async fn fresh_volume_with(dir: &std::path::Path, protocol: Protocol) -> Arc<Volume> {
         let disk = dir.join("alpha.img");
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -1433,17 +1465,21 @@ mod tests {
             force: false,
         };
         metadata::create(&file, &options).unwrap();
-        let node = NodeConfig {
+        let volume = Volume::open("r0", &alpha_config(dir), protocol, 16).unwrap();
+        volume.start().await.unwrap();
+        volume
+    }
+
+    /// The node configuration `fresh_volume` used, to open its disk again.
+    fn alpha_config(dir: &std::path::Path) -> NodeConfig {
+        NodeConfig {
             name: "alpha".into(),
-            disk,
+            disk: dir.join("alpha.img"),
             links: Vec::new(),
             control: dir.join("alpha.ctl"),
             nbd: Endpoint::Unix(dir.join("alpha.nbd")),
             ublk: None,
-        };
-        let volume = Volume::open("r0", &node, Protocol::C, 16).unwrap();
-        volume.start().await.unwrap();
-        volume
+        }
     }
 
     /// Sends frames on `link`, which the peer never takes, until its window
@@ -1565,5 +1601,78 @@ mod tests {
         let ((link, _), (_, mut peer)) = peer::channel_pair(1).await;
         volume.link_up(link).await;
         expect_primary_before_the_write(&volume, &mut peer).await;
+    }
+
+    /// A protocol A write the peer never answered is marked in the bitmap
+    /// that a clean shutdown writes out, however late its answer task runs:
+    /// the next start, which trusts that bitmap, resyncs it.
+    #[tokio::test]
+    async fn a_write_unanswered_at_shutdown_is_in_the_bitmap_written_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume_with(dir.path(), Protocol::A).await;
+        let ((link, _), (_, _peer_never_answers)) = peer::channel_pair(1).await;
+        volume.set_link(Some(link));
+        volume.promote(true).await.unwrap();
+        volume
+            .write(8192, AlignedBuf::from_slice(&[7; 4096]), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            volume.out_of_sync_bytes(),
+            0,
+            "answered by protocol A at once"
+        );
+        volume.shutdown().await.unwrap();
+        drop(volume);
+        let reopened = reopen(dir.path()).await;
+        assert!(
+            reopened
+                .state
+                .lock()
+                .unwrap()
+                .superblock
+                .flags
+                .contains(Flags::CLEAN_SHUTDOWN),
+            "the shutdown was clean"
+        );
+        assert!(
+            reopened.tracker.any_out_of_sync(8192, 4096),
+            "the unanswered write is not marked on disk"
+        );
+    }
+
+    /// Opens the disk of `fresh_volume` again, once the tasks that held the
+    /// volume before have let it go.
+    async fn reopen(dir: &std::path::Path) -> Arc<Volume> {
+        for _ in 0..500 {
+            match Volume::open("r0", &alpha_config(dir), Protocol::A, 16) {
+                Ok(volume) => return volume,
+                Err(_locked) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+        panic!("the disk stayed locked");
+    }
+
+    /// When shutdown gives up waiting for a write's answer to be handled,
+    /// it leaves the disk as a crash would: the next start reads the
+    /// activity log, which still holds the write.
+    #[tokio::test]
+    async fn a_shutdown_that_cannot_mark_every_write_is_recorded_as_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume_with(dir.path(), Protocol::A).await;
+        volume.promote(true).await.unwrap();
+        // As an answer task that never runs would leave it.
+        volume.unanswered_writes.send_modify(|n| *n += 1);
+        volume.shutdown().await.unwrap();
+        drop(volume);
+        let flags = reopen(dir.path())
+            .await
+            .state
+            .lock()
+            .unwrap()
+            .superblock
+            .flags;
+        assert!(!flags.contains(Flags::CLEAN_SHUTDOWN), "{flags:?}");
+        assert!(flags.contains(Flags::PRIMARY), "{flags:?}");
     }
 }
