@@ -553,6 +553,47 @@ fn operator_disconnect_connect_and_wait_sync() {
     res.assert_identical();
 }
 
+/// `disconnect` right after writes that no barrier has yet made durable on
+/// the secondary, on either node: the session ends only once they are
+/// durable there, so the resync copies what was written apart and nothing
+/// else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_on_either_node_leaves_only_what_is_written_apart() {
+    let res = Resource::new();
+    let (_alpha, _beta) = synced_pair(&res);
+    let socket = res.nbd_socket("alpha");
+    for (round, node) in [(1u8, "beta"), (2, "alpha")] {
+        // No flush from the client: the writes are answered, not durable.
+        // (A barrier follows them within 2 s; `disconnect` comes sooner.)
+        let mut client = blkmirror_nbd::Client::connect_unix(&socket, RESOURCE)
+            .await
+            .unwrap();
+        for block in 0..64u64 {
+            let data = pattern(u64::from(round), block * 4096, 4096);
+            client.write(block * 4096, &data, false).await.unwrap();
+        }
+        res.ok(node, &["disconnect"]);
+        res.wait_status("alpha", "the peer gone", |s| s["connection"] != "Connected");
+        client
+            .write((8 << 20) + u64::from(round) * 4096, &[round; 4096], false)
+            .await
+            .unwrap();
+        client.disconnect().await.unwrap();
+        let apart = res.status("alpha");
+        assert_eq!(
+            apart["out_of_sync_bytes"], 4096,
+            "round {round}, {node} disconnected: {apart}"
+        );
+        res.ok(node, &["connect"]);
+        let done = res.wait_status("alpha", "resynced", |s| {
+            s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+        });
+        assert_eq!(done["resync"]["done_bytes"], 4096, "{done}");
+        res.wait_established("beta");
+        res.assert_identical();
+    }
+}
+
 /// A full copy onto a disk that is almost right (its metadata replaced, its
 /// data a little behind) compares checksums first and sends data only for
 /// the chunks that differ.

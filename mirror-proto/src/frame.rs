@@ -12,7 +12,8 @@ pub const MAGIC: u32 = 0x424d_5250; // "BMRP"
 /// 3: the Hello carries the bytes the sender's bitmap marks.
 /// 4: a sync target may report what it changed as `Bitmap` slices.
 /// 5: an `Ack` carries many answers; the unused `BarrierAck` is gone.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: `Disconnect` lets a secondary end a session with nothing to resync.
+pub const PROTOCOL_VERSION: u16 = 6;
 pub const HEADER_BYTES: usize = 64;
 /// Largest payload a peer may send: one maximal write (32 MiB) plus room for
 /// its own fields. Anything larger is refused before allocation.

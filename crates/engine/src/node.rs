@@ -246,7 +246,7 @@ async fn handle_control(
             (to_response(result), false)
         }
         Request::Disconnect => {
-            volume.settle().await;
+            volume.prepare_disconnect().await;
             peer.disconnect();
             (Response::Ok, false)
         }

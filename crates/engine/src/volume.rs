@@ -991,12 +991,39 @@ impl Volume {
     /// to mark.
     pub async fn settle(&self) {
         let link = self.link.lock().unwrap().clone();
-        let Some(link) = link else { return };
-        if tokio::time::timeout(GOODBYE_WAIT, self.barrier(&link))
+        if let Some(link) = link {
+            self.settle_on(&link).await;
+        }
+    }
+
+    /// `settle`, on the session of `link`.
+    pub async fn settle_on(&self, link: &Arc<Channel>) {
+        if tokio::time::timeout(GOODBYE_WAIT, self.barrier(link))
             .await
             .is_err()
         {
             tracing::warn!("the peer did not confirm a barrier in time");
+        }
+    }
+
+    /// Before `disconnect`: each side makes durable on the other the
+    /// writes the other answered, this one with a barrier of its own, the
+    /// peer when told of the disconnection, which it answers by ending the
+    /// session. So a planned disconnection, on either side, leaves nothing
+    /// to resync but what is written after it. Waits for the peer a little.
+    pub async fn prepare_disconnect(&self) {
+        let link = self.link.lock().unwrap().clone();
+        let Some(link) = link else { return };
+        self.settle_on(&link).await;
+        let told = tokio::time::timeout(link.timeout(), link.send(&Message::Disconnect)).await;
+        let ended = matches!(told, Ok(Ok(())))
+            && tokio::time::timeout(GOODBYE_WAIT, link.wait_closed())
+                .await
+                .is_ok();
+        if !ended {
+            tracing::warn!(
+                "the peer did not end the session in time; writes it answered last may be resynced"
+            );
         }
     }
 

@@ -577,6 +577,12 @@ impl Channel {
         self.closed.borrow().is_some()
     }
 
+    /// Returns once the channel is closed.
+    pub async fn wait_closed(&self) {
+        let mut closed = self.closed.subscribe();
+        let _ = closed.wait_for(Option::is_some).await;
+    }
+
     /// Takes an established connection as link `index` (replacing a
     /// previous one on that index) and starts serving it.
     pub(crate) fn attach(

@@ -1192,6 +1192,16 @@ impl Manager {
                     .await
                 }
                 Message::ReadReply { seq, errno, data } => link.answer_with_data(seq, errno, data),
+                Message::Disconnect => {
+                    // The peer's operator disconnects: the writes it answered
+                    // are made durable there first, so that the end of the
+                    // session marks none of them for resync.
+                    let (volume, link) = (self.volume.clone(), link.clone());
+                    tokio::spawn(async move {
+                        volume.settle_on(&link).await;
+                        link.close("the peer disconnected");
+                    });
+                }
                 Message::ResyncDone { current } => {
                     resyncing.expect_target("ResyncDone")?;
                     if current == 0 {
