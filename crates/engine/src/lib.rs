@@ -65,6 +65,8 @@ pub enum Error {
     DiscardOnPrimary,
     #[error("Refusing to promote: the peer {0} is primary, and two primaries are never allowed while connected")]
     PeerIsPrimary(String),
+    #[error("The connected peer is primary, and so is this node: two primaries are never allowed")]
+    TwoPrimaries,
     #[error(
         "This node became primary while the handshake made it the sync target; a primary is \
          never overwritten by a resync: reconnecting, so the peers decide again"

@@ -430,6 +430,9 @@ impl Volume {
         if state.role == Role::Primary {
             return Ok(None);
         }
+        if connected && state.superblock.flags.contains(Flags::PEER_PRIMARY) {
+            return Err(Error::TwoPrimaries);
+        }
         if state.disk_failed {
             return Err(Error::DiskFailed);
         }
@@ -491,8 +494,14 @@ impl Volume {
 
     /// Records whether the connected peer is primary: while it is, losing
     /// it leaves this node's data Consistent rather than UpToDate.
+    /// Refused while this node is primary or becoming it: checked in the
+    /// same step as a promotion checks the peer's role, so of two nodes
+    /// promoted at once, at least one hears of the other.
     pub fn note_peer_role(&self, peer_primary: bool) -> Result<(), Error> {
         let mut state = self.state.lock().unwrap();
+        if peer_primary && state.says_primary() {
+            return Err(Error::TwoPrimaries);
+        }
         if state.superblock.flags.contains(Flags::PEER_PRIMARY) == peer_primary {
             return Ok(());
         }
@@ -1701,5 +1710,30 @@ mod tests {
             .flags;
         assert!(!flags.contains(Flags::CLEAN_SHUTDOWN), "{flags:?}");
         assert!(flags.contains(Flags::PRIMARY), "{flags:?}");
+    }
+
+    /// A promotion and the news that the peer became primary are checked
+    /// against each other in one step each: while connected to a primary,
+    /// a promotion is refused even with force, and a node that is primary
+    /// refuses the news rather than record it.
+    #[tokio::test]
+    async fn a_promotion_and_a_primary_peer_exclude_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        let ((link, _), (_, _peer)) = peer::channel_pair(1).await;
+        volume.set_link(Some(link));
+        volume.note_peer_role(true).unwrap();
+        let refused = volume.promote(true).await.unwrap_err();
+        assert!(matches!(refused, Error::TwoPrimaries), "{refused}");
+        assert_eq!(volume.role(), Role::Secondary);
+        let flags = volume.state.lock().unwrap().superblock.flags;
+        assert!(!flags.contains(Flags::PRIMARY), "{flags:?}");
+
+        volume.note_peer_role(false).unwrap();
+        volume.promote(true).await.unwrap();
+        let refused = volume.note_peer_role(true).unwrap_err();
+        assert!(matches!(refused, Error::TwoPrimaries), "{refused}");
+        let flags = volume.state.lock().unwrap().superblock.flags;
+        assert!(!flags.contains(Flags::PEER_PRIMARY), "{flags:?}");
     }
 }

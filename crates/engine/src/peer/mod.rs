@@ -1161,12 +1161,12 @@ impl Manager {
                     flags,
                 } => {
                     // Both promoted at once: neither saw the other primary.
-                    if role == 1 && self.volume.says_primary() {
-                        return Err(PeerError::Refused(
-                            "the peer became primary too: two primaries; disconnecting".into(),
-                        ));
+                    match self.volume.note_peer_role(role == 1) {
+                        Err(e @ crate::Error::TwoPrimaries) => {
+                            return Err(PeerError::Refused(format!("{e}; disconnecting")))
+                        }
+                        noted => noted?,
                     }
-                    self.volume.note_peer_role(role == 1)?;
                     self.peer.set(|s| {
                         s.peer_role = Some(if role == 1 {
                             Role::Primary
