@@ -554,17 +554,22 @@ fn operator_disconnect_connect_and_wait_sync() {
 }
 
 /// `disconnect` right after writes that no barrier has yet made durable on
-/// the secondary, on either node: the session ends only once they are
-/// durable there, so the resync copies what was written apart and nothing
-/// else.
+/// the secondary, on either node, or the secondary going down: the session
+/// ends only once they are durable there, so the resync copies what was
+/// written apart and nothing else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_disconnect_on_either_node_leaves_only_what_is_written_apart() {
+async fn a_planned_disconnection_leaves_only_what_is_written_apart() {
     let res = Resource::new();
-    let (_alpha, _beta) = synced_pair(&res);
+    let (_alpha, beta) = synced_pair(&res);
+    let mut beta = Some(beta);
     let socket = res.nbd_socket("alpha");
-    for (round, node) in [(1u8, "beta"), (2, "alpha")] {
+    for (round, node, parting) in [
+        (1u8, "beta", "disconnect"),
+        (2, "alpha", "disconnect"),
+        (3, "beta", "down"),
+    ] {
         // No flush from the client: the writes are answered, not durable.
-        // (A barrier follows them within 2 s; `disconnect` comes sooner.)
+        // (A barrier follows them within 2 s; the parting comes sooner.)
         let mut client = blkmirror_nbd::Client::connect_unix(&socket, RESOURCE)
             .await
             .unwrap();
@@ -572,7 +577,10 @@ async fn a_disconnect_on_either_node_leaves_only_what_is_written_apart() {
             let data = pattern(u64::from(round), block * 4096, 4096);
             client.write(block * 4096, &data, false).await.unwrap();
         }
-        res.ok(node, &["disconnect"]);
+        match parting {
+            "down" => res.down(node, beta.take().unwrap()),
+            _ => drop(res.ok(node, &[parting])),
+        }
         res.wait_status("alpha", "the peer gone", |s| s["connection"] != "Connected");
         client
             .write((8 << 20) + u64::from(round) * 4096, &[round; 4096], false)
@@ -582,9 +590,12 @@ async fn a_disconnect_on_either_node_leaves_only_what_is_written_apart() {
         let apart = res.status("alpha");
         assert_eq!(
             apart["out_of_sync_bytes"], 4096,
-            "round {round}, {node} disconnected: {apart}"
+            "round {round}, {node} {parting}: {apart}"
         );
-        res.ok(node, &["connect"]);
+        match parting {
+            "down" => beta = Some(res.up(node)),
+            _ => drop(res.ok(node, &["connect"])),
+        }
         let done = res.wait_status("alpha", "resynced", |s| {
             s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
         });

@@ -94,6 +94,7 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let _ = stop_nbd.send(true);
     let _ = nbd_task.await;
     volume.say_goodbye().await;
+    volume.prepare_disconnect().await;
     let _ = stop_peer.send(true);
     volume.shutdown().await?;
     #[cfg(feature = "fault-injection")]

@@ -1005,14 +1005,16 @@ impl Volume {
         }
     }
 
-    /// `settle`, on the session of `link`.
-    pub async fn settle_on(&self, link: &Arc<Channel>) {
-        if tokio::time::timeout(GOODBYE_WAIT, self.barrier(link))
+    /// `settle`, on the session of `link`; false if the peer did not
+    /// confirm in time.
+    pub async fn settle_on(&self, link: &Arc<Channel>) -> bool {
+        let confirmed = tokio::time::timeout(GOODBYE_WAIT, self.barrier(link))
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !confirmed {
             tracing::warn!("the peer did not confirm a barrier in time");
         }
+        confirmed
     }
 
     /// Before `disconnect`: each side makes durable on the other the
@@ -1023,7 +1025,10 @@ impl Volume {
     pub async fn prepare_disconnect(&self) {
         let link = self.link.lock().unwrap().clone();
         let Some(link) = link else { return };
-        self.settle_on(&link).await;
+        if !self.settle_on(&link).await {
+            // A peer that answers nothing will not end the session either.
+            return;
+        }
         let told = tokio::time::timeout(link.timeout(), link.send(&Message::Disconnect)).await;
         let ended = matches!(told, Ok(Ok(())))
             && tokio::time::timeout(GOODBYE_WAIT, link.wait_closed())
