@@ -25,7 +25,7 @@ const SEEDS: [u64; 2] = [0x5eed_0001, 0x5eed_0002];
 const STEPS_PER_SCHEDULE: usize = 8;
 const WORKLOAD_LIMIT: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     /// The primary writes, its peer connected.
     Write,
@@ -50,9 +50,26 @@ enum Step {
     PrimaryLeaves,
     /// An online verify finds the replicas identical.
     Verify,
+    /// Every data write on the secondary's disk fails: it detaches the
+    /// disk, the primary goes on alone, and the operator replaces the disk,
+    /// which takes a full copy.
+    SecondaryDiskFails,
+    /// The primary's disk fails: it serves on as a diskless primary through
+    /// its peer; the operator moves the role over and replaces the disk.
+    PrimaryDiskFails,
+    /// The secondary's disk hangs: the primary leaves it behind, goes on
+    /// alone, and resyncs it once the disk returns.
+    SecondaryDiskHangs,
 }
 
-const ALL_STEPS: [Step; 9] = [
+/// The steps that need disk faults, which only a test build has.
+const DISK_FAULT_STEPS: [Step; 3] = [
+    Step::SecondaryDiskFails,
+    Step::PrimaryDiskFails,
+    Step::SecondaryDiskHangs,
+];
+
+const ALL_STEPS: [Step; 12] = [
     Step::Write,
     Step::WriteApart,
     Step::KillSecondary,
@@ -62,6 +79,9 @@ const ALL_STEPS: [Step; 9] = [
     Step::Switchover,
     Step::PrimaryLeaves,
     Step::Verify,
+    Step::SecondaryDiskFails,
+    Step::PrimaryDiskFails,
+    Step::SecondaryDiskHangs,
 ];
 
 /// The pair under test and what the schedule knows of it.
@@ -288,7 +308,71 @@ impl Pair {
                 let out = self.res.ok(self.name(p), &["verify"]);
                 assert!(out.contains("identical"), "{out}");
             }
+            Step::SecondaryDiskFails => {
+                let data_area = format!("fail-write={DATA_OFFSET}-{DISK_BYTES}");
+                self.res.ok(self.name(s), &["fault", &data_area]);
+                let count = self.writes();
+                self.write(count).await;
+                self.res.wait_status(self.name(s), "a detached disk", |st| {
+                    st["disk_state"] == "Diskless"
+                });
+                let alone = self.res.wait_error(self.name(p), "Diskless");
+                assert_eq!(alone["disk_state"], "UpToDate", "{alone}");
+                self.work
+                    .verify("the primary, alone", &self.res.data_area(self.name(p)));
+                self.replace_disk(s);
+                self.settle("after the secondary's disk was replaced");
+            }
+            Step::PrimaryDiskFails => {
+                let whole_disk =
+                    format!("fail-write=0-{DISK_BYTES},fail-read={DATA_OFFSET}-{DISK_BYTES}");
+                self.res.ok(self.name(p), &["fault", &whole_disk]);
+                let count = self.writes();
+                self.write(count).await;
+                let diskless = self.res.status(self.name(p));
+                assert_eq!(diskless["disk_state"], "Diskless", "{diskless}");
+                assert_eq!(diskless["role"], "Primary", "{diskless}");
+                self.work
+                    .verify_export(
+                        "reads through the diskless primary",
+                        &self.res.nbd_socket(self.name(p)),
+                        RESOURCE,
+                    )
+                    .await;
+                self.res.ok(self.name(p), &["secondary"]);
+                self.res.ok(self.name(s), &["primary"]);
+                self.primary = s;
+                self.replace_disk(p);
+                self.settle("after the primary's disk was replaced");
+            }
+            Step::SecondaryDiskHangs => {
+                let data_area = format!("stall-write={DATA_OFFSET}-{DISK_BYTES}");
+                self.res.ok(self.name(s), &["fault", &data_area]);
+                let count = self.writes();
+                self.write(count).await;
+                self.res
+                    .wait_error(self.name(s), "have not reached this node's disk");
+                let alone = self.res.status(self.name(p));
+                assert_eq!(alone["disk_state"], "UpToDate", "{alone}");
+                assert_eq!(alone["role"], "Primary", "{alone}");
+                self.res.ok(self.name(s), &["fault", "none"]);
+                let moved = self.settle("after the secondary's disk returned");
+                self.assert_differential(moved, "hung secondary disk");
+            }
         }
+    }
+
+    /// The operator replaces a node's disk: down, a blank disk with new
+    /// metadata, up again.
+    fn replace_disk(&mut self, node: usize) {
+        self.down(node);
+        std::fs::write(
+            self.res.disk(self.name(node)),
+            vec![0u8; DISK_BYTES as usize],
+        )
+        .unwrap();
+        self.res.ok(self.name(node), &["create-md"]);
+        self.up(node);
     }
 }
 
@@ -346,7 +430,10 @@ async fn run_schedule(seed: u64, steps: usize) {
         let step = ALL_STEPS[pair.rng.gen_range(0..ALL_STEPS.len())];
         // With A or B, a forced promotion after the primary's death gives
         // up the writes the dead primary acknowledged alone, by design.
-        if matches!(step, Step::KillPrimary) && !pair.protocol_c {
+        if step == Step::KillPrimary && !pair.protocol_c {
+            continue;
+        }
+        if DISK_FAULT_STEPS.contains(&step) && !cfg!(feature = "fault-injection") {
             continue;
         }
         done.push(step);

@@ -777,6 +777,52 @@ fn resync_rate_max_caps_the_resync() {
     res.assert_identical();
 }
 
+/// A resync cut off again and again, with writes on the primary between
+/// the attempts, stays differential: each cut-off keeps the target's
+/// generation within the source's history, so the final resync finds the
+/// target related and copies only what is marked.
+#[test]
+fn a_resync_cut_off_again_and_again_stays_differential() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    res.set("resync-rate-max", "\"4M\"");
+    let (alpha, beta) = synced_pair(&res);
+    res.down("beta", beta);
+    res.wait_status("alpha", "disconnected", |s| s["connection"] != "Connected");
+    res.qemu_io("alpha", &["write -P 0x71 0 8M"]);
+    let _beta = res.up("beta");
+    for round in 0..4u64 {
+        res.wait_status("alpha", "a resync under way", |s| {
+            s["replication"] == "SyncSource" && s["resync"]["done_bytes"].as_u64() > Some(0)
+        });
+        res.ok("beta", &["disconnect"]);
+        res.wait_status("alpha", "the target gone", |s| {
+            s["connection"] != "Connected"
+        });
+        let at = (16 << 20) + round * (1 << 20);
+        res.qemu_io("alpha", &[&format!("write -P 0x72 {at} 64k")]);
+        res.ok("beta", &["connect"]);
+    }
+    res.wait_status("alpha", "resynced", |s| {
+        s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
+    });
+    res.wait_established("beta");
+    res.assert_identical();
+    let log = alpha.log();
+    assert_eq!(
+        log.matches("decision=SourceFull").count(),
+        1,
+        "only the first build copied everything: {log}"
+    );
+    assert_eq!(
+        log.matches("decision=SourceDifferential").count(),
+        5,
+        "{log}"
+    );
+}
+
 /// Resync chunks the target answered count as in sync only once a barrier
 /// after them is confirmed: a target killed in the middle of a resync (as
 /// in a power loss, which can take its disk's volatile cache) gets every

@@ -344,6 +344,8 @@ pub fn spawn(
         secret: config.secret.clone(),
         timeout: config.timeout,
         after_sb_0pri: config.after_sb_0pri,
+        last_load: Mutex::new(None),
+        draining: AtomicBool::new(false),
     });
     tokio::spawn(manager.run(stop));
     peer
@@ -360,6 +362,11 @@ struct Manager {
     secret: Option<String>,
     timeout: Duration,
     after_sb_0pri: AfterSplitBrain,
+    /// The last session's load: writes it still applies hold a share.
+    last_load: Mutex<Option<Arc<PeerLoad>>>,
+    /// Set while the last session's writes have not reached the disk: no
+    /// link handshake is accepted until they have.
+    draining: AtomicBool,
 }
 
 /// A link connection that has passed its handshake.
@@ -419,6 +426,13 @@ impl Manager {
                     .set(|s| s.connection = ConnectionState::Connecting);
                 delay = RECONNECT_DELAY_MIN;
                 carried = None;
+            }
+            let last_load = self.last_load.lock().unwrap().take();
+            if let Some(load) = last_load {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = self.drain(&load) => {}
+                }
             }
             let attempt = async {
                 match arrivals.as_mut() {
@@ -502,7 +516,7 @@ impl Manager {
                     continue;
                 }
             };
-            if !*self.peer.wanted.borrow() {
+            if !*self.peer.wanted.borrow() || self.draining.load(Ordering::Relaxed) {
                 continue;
             }
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
@@ -1066,6 +1080,24 @@ impl Manager {
         tracing::info!(peer = self.peer_name, "replication established");
     }
 
+    /// Waits until the writes a past session left to apply are on the
+    /// disk. A disk that hangs holds them: a new session would only hang
+    /// the peer's writes again (a resync's among them), so until then the
+    /// peer goes on alone, as after a crash of this node.
+    async fn drain(&self, load: &PeerLoad) {
+        if load.is_drained() {
+            return;
+        }
+        let message = "writes of the last session have not reached this node's disk (does it \
+                       hang?): no new session until they have";
+        tracing::warn!(peer = self.peer_name, "{message}");
+        self.peer.set(|s| s.last_error = Some(message.into()));
+        self.draining.store(true, Ordering::Relaxed);
+        load.drained().await;
+        self.draining.store(false, Ordering::Relaxed);
+        tracing::info!("the last session's writes are on the disk; connecting again");
+    }
+
     /// Handles incoming messages until the link fails.
     async fn serve(
         &self,
@@ -1074,7 +1106,8 @@ impl Manager {
         mut resyncing: Resyncing,
     ) -> Result<(), PeerError> {
         // Incoming writes are applied concurrently, in arrival order per range.
-        let load = PeerLoad::new();
+        let load = Arc::new(PeerLoad::new());
+        *self.last_load.lock().unwrap() = Some(load.clone());
         let mut _verifying = None;
         loop {
             let (seq, message) = tokio::select! {
@@ -1356,6 +1389,18 @@ impl PeerLoad {
     async fn flush(&self) -> Share {
         drop(take(&self.applying, APPLYING_MAX).await);
         (take(&self.flushing, 1).await, None)
+    }
+
+    /// No write or flush is under way.
+    fn is_drained(&self) -> bool {
+        self.applying.available_permits() == APPLYING_MAX as usize
+            && self.flushing.available_permits() == FLUSHING_MAX as usize
+    }
+
+    /// Returns once no write or flush is under way.
+    async fn drained(&self) {
+        drop(take(&self.applying, APPLYING_MAX).await);
+        drop(take(&self.flushing, FLUSHING_MAX).await);
     }
 }
 
