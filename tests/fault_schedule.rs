@@ -257,11 +257,8 @@ impl Pair {
                 assert!(refusal.contains("may have written"), "{refusal}");
                 self.res.ok(self.name(s), &["primary", "--force"]);
                 self.primary = s;
-                let count = self.writes();
-                self.write(count).await;
-                self.up(p);
-                let moved = self.settle("after the old primary's return");
-                self.assert_differential(moved, "killed primary");
+                self.write_until_the_old_primary_returns(p, "killed primary")
+                    .await;
             }
             Step::PowerLoss => {
                 let ended = self.kill_while_writing(&[p, s]).await;
@@ -298,11 +295,8 @@ impl Pair {
                 assert_eq!(status["disk_state"], "UpToDate", "{status}");
                 self.res.ok(self.name(s), &["primary"]);
                 self.primary = s;
-                let count = self.writes();
-                self.write(count).await;
-                self.up(p);
-                let moved = self.settle("after the old primary's return");
-                self.assert_differential(moved, "primary that left");
+                self.write_until_the_old_primary_returns(p, "primary that left")
+                    .await;
             }
             Step::Verify => {
                 let out = self.res.ok(self.name(p), &["verify"]);
@@ -360,6 +354,16 @@ impl Pair {
                 self.assert_differential(moved, "hung secondary disk");
             }
         }
+    }
+
+    /// The new primary writes alone; then the old one returns as its
+    /// secondary and catches up by a differential resync.
+    async fn write_until_the_old_primary_returns(&mut self, old: usize, what: &str) {
+        let count = self.writes();
+        self.write(count).await;
+        self.up(old);
+        let moved = self.settle("after the old primary's return");
+        self.assert_differential(moved, what);
     }
 
     /// The operator replaces a node's disk: down, a blank disk with new
