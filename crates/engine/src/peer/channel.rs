@@ -577,10 +577,11 @@ impl Channel {
         self.closed.borrow().is_some()
     }
 
-    /// Returns once the channel is closed.
-    pub async fn wait_closed(&self) {
+    /// Returns once the channel is closed, with the reason.
+    pub async fn wait_closed(&self) -> String {
         let mut closed = self.closed.subscribe();
-        let _ = closed.wait_for(Option::is_some).await;
+        let reason = closed.wait_for(Option::is_some).await;
+        reason.ok().and_then(|r| r.clone()).unwrap_or_default()
     }
 
     /// Takes an established connection as link `index` (replacing a

@@ -1160,23 +1160,23 @@ impl Manager {
                     self.apply(link, &load, seq, offset, data, 0).await?
                 }
                 Message::ResyncChecksum { offset, len, crc } => {
-                    let link = link.clone();
-                    self.read_for_peer(&load, offset, len, move |read| async move {
+                    let answering = link.clone();
+                    self.read_for_peer(link, &load, offset, len, move |read| async move {
                         let answer = match read {
                             Ok(data) if crc32c::crc32c(&data) == crc => 0,
                             Ok(_) => CHECKSUM_DIFFERS,
                             Err(errno) => errno,
                         };
-                        link.acknowledge(seq, AckKind::Written, answer).await;
+                        answering.acknowledge(seq, AckKind::Written, answer).await;
                     })
-                    .await
+                    .await?
                 }
                 Message::Ack { entries } => link.answer(&entries),
                 Message::Barrier { .. } => {
                     // Every write before the barrier is on disk before the
                     // flush starts (with protocols A and B the primary does
                     // not wait for them before its flush).
-                    let flush = load.flush().await;
+                    let flush = share_unless_closed(link, load.flush()).await?;
                     let volume = self.volume.clone();
                     let link = link.clone();
                     tokio::spawn(async move {
@@ -1214,15 +1214,17 @@ impl Manager {
                     })
                 }
                 Message::Read { offset, len } => {
-                    let link = link.clone();
-                    self.read_for_peer(&load, offset, len, move |read| async move {
+                    let answering = link.clone();
+                    self.read_for_peer(link, &load, offset, len, move |read| async move {
                         let (errno, data) = match read {
                             Ok(data) => (0, data.to_vec()),
                             Err(errno) => (errno, Vec::new()),
                         };
-                        let _ = link.send(&Message::ReadReply { seq, errno, data }).await;
+                        let _ = answering
+                            .send(&Message::ReadReply { seq, errno, data })
+                            .await;
                     })
-                    .await
+                    .await?
                 }
                 Message::ReadReply { seq, errno, data } => link.answer_with_data(seq, errno, data),
                 Message::Disconnect => {
@@ -1257,15 +1259,17 @@ impl Manager {
     /// refused EINVAL rather than read whole.
     async fn read_for_peer<Answer, Answered>(
         &self,
+        link: &Channel,
         load: &PeerLoad,
         offset: u64,
         len: u32,
         answer: Answer,
-    ) where
+    ) -> Result<(), PeerError>
+    where
         Answer: FnOnce(Result<AlignedBuf, u32>) -> Answered + Send + 'static,
         Answered: std::future::Future<Output = ()> + Send,
     {
-        let share = load.read(len).await;
+        let share = share_unless_closed(link, load.read(len)).await?;
         let ticket = self.volume.gate().register(offset, u64::from(len));
         let volume = self.volume.clone();
         tokio::spawn(async move {
@@ -1281,6 +1285,7 @@ impl Manager {
             };
             answer(read).await;
         });
+        Ok(())
     }
 
     /// Applies a write from the peer: its place among overlapping writes is
@@ -1299,7 +1304,7 @@ impl Manager {
                 "the peer sent writes to a primary: two primaries; disconnecting".into(),
             ));
         }
-        let share = load.apply(data.len()).await;
+        let share = share_unless_closed(link, load.apply(data.len())).await?;
         let len = if flags & WRITE_FLAG_ZERO != 0 {
             data.get(..8).map_or(0, |b| {
                 u64::from_le_bytes(b.try_into().expect("eight bytes"))
@@ -1401,6 +1406,19 @@ impl PeerLoad {
     async fn drained(&self) {
         drop(take(&self.applying, APPLYING_MAX).await);
         drop(take(&self.flushing, FLUSHING_MAX).await);
+    }
+}
+
+/// A share of the peer's load, or the end of the session if that comes
+/// first: writes on a disk that hangs keep their shares, and the session
+/// must still end when its links do.
+async fn share_unless_closed(
+    link: &Channel,
+    share: impl std::future::Future<Output = Share>,
+) -> Result<Share, PeerError> {
+    tokio::select! {
+        share = share => Ok(share),
+        reason = link.wait_closed() => Err(PeerError::LinksLost(reason)),
     }
 }
 
