@@ -133,17 +133,17 @@ impl Pair {
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
         });
-        // Long enough to outlast the kill: a stream on the surviving
-        // primary ends on its own, one on a killed primary breaks.
-        let count = if victims.contains(&self.primary) {
-            u64::MAX
+        // A stream on a killed primary breaks; one on a surviving primary
+        // goes on past the kill until its time is up.
+        let limit = if victims.contains(&self.primary) {
+            WORKLOAD_LIMIT
         } else {
-            self.rng.gen_range(2000..4000)
+            delay + Duration::from_millis(1500)
         };
         let node = self.name(self.primary);
         let ended = self
             .work
-            .run(&self.res.nbd_socket(node), RESOURCE, count, WORKLOAD_LIMIT)
+            .run(&self.res.nbd_socket(node), RESOURCE, u64::MAX, limit)
             .await;
         killer.join().unwrap();
         for &v in victims {
@@ -229,7 +229,7 @@ impl Pair {
             }
             Step::KillSecondary => {
                 let ended = self.kill_while_writing(&[s]).await;
-                assert_eq!(ended, Ended::Done, "the primary failed a write");
+                assert_eq!(ended, Ended::OutOfTime, "the primary failed a write");
                 let alone = self.wait_peer_gone(p);
                 assert_eq!(alone["role"], "Primary", "{alone}");
                 self.up(s);
@@ -285,6 +285,10 @@ impl Pair {
             }
             Step::Switchover => {
                 self.res.ok(self.name(p), &["secondary"]);
+                self.res
+                    .wait_status(self.name(s), "the peer secondary", |st| {
+                        st["peer_role"] == "Secondary"
+                    });
                 self.res.ok(self.name(s), &["primary"]);
                 self.primary = s;
                 self.settle("after a switchover");

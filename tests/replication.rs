@@ -816,10 +816,9 @@ fn a_resync_cut_off_again_and_again_stays_differential() {
         1,
         "only the first build copied everything: {log}"
     );
-    assert_eq!(
-        log.matches("decision=SourceDifferential").count(),
-        5,
-        "{log}"
+    assert!(
+        log.matches("decision=SourceDifferential").count() >= 5,
+        "each attempt was a differential resync: {log}"
     );
 }
 

@@ -94,15 +94,20 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let _ = stop_nbd.send(true);
     let _ = nbd_task.await;
     volume.say_goodbye().await;
+    peer.part();
     volume.prepare_disconnect().await;
     let _ = stop_peer.send(true);
-    volume.shutdown().await?;
+    let clean = volume.shutdown().await?;
     #[cfg(feature = "fault-injection")]
     tracing::info!(
         writes = blkmirror_io::faults::writes(),
         "fault injection: disk writes seen"
     );
-    tracing::info!("node is down (clean shutdown recorded)");
+    if clean {
+        tracing::info!("node is down (clean shutdown recorded)");
+    } else {
+        tracing::warn!("node is down (no clean shutdown recorded: see above)");
+    }
     Ok(())
 }
 
@@ -247,6 +252,7 @@ async fn handle_control(
             (to_response(result), false)
         }
         Request::Disconnect => {
+            peer.part();
             volume.prepare_disconnect().await;
             peer.disconnect();
             (Response::Ok, false)

@@ -136,6 +136,9 @@ struct State {
     generation_open: bool,
     /// The disk failed and is detached: this node is Diskless.
     disk_failed: bool,
+    /// A session's handshake has told this node the peer's role, which
+    /// stands until the session ends (`PEER_PRIMARY` outlives it).
+    peer_connected: bool,
     /// A promotion is recorded on disk but not yet open to clients: the
     /// peer is told Primary from now on, so no `State` sent meanwhile
     /// (ahead of the clients' first write) says otherwise.
@@ -319,6 +322,7 @@ impl Volume {
                 generation_open: false,
                 promoting: false,
                 disk_failed: false,
+                peer_connected: false,
             }),
             role_change: tokio::sync::Mutex::new(()),
             tracker,
@@ -430,7 +434,7 @@ impl Volume {
         if state.role == Role::Primary {
             return Ok(None);
         }
-        if connected && state.superblock.flags.contains(Flags::PEER_PRIMARY) {
+        if state.peer_connected && state.superblock.flags.contains(Flags::PEER_PRIMARY) {
             return Err(Error::TwoPrimaries);
         }
         if state.disk_failed {
@@ -502,6 +506,7 @@ impl Volume {
         if peer_primary && state.says_primary() {
             return Err(Error::TwoPrimaries);
         }
+        state.peer_connected = true;
         if state.superblock.flags.contains(Flags::PEER_PRIMARY) == peer_primary {
             return Ok(());
         }
@@ -548,11 +553,11 @@ impl Volume {
     }
 
     /// Flushes the data and records a clean shutdown, once every write the
-    /// peer left unanswered is marked for resync.
-    pub async fn shutdown(&self) -> Result<(), Error> {
+    /// peer left unanswered is marked for resync. Returns whether it did.
+    pub async fn shutdown(&self) -> Result<bool, Error> {
         if self.is_diskless() {
             tracing::warn!("the disk failed: nothing recorded on it at shutdown");
-            return Ok(());
+            return Ok(false);
         }
         // Writes the peer may not have made durable (no goodbye confirmed).
         let link = self.link.lock().unwrap().take();
@@ -578,13 +583,13 @@ impl Volume {
             // Left as a crash leaves it: the unmarked writes are still in
             // the activity log, which the next start reads.
             tracing::warn!("writes the peer never answered are not all marked; the shutdown is recorded as a crash");
-            return Ok(());
+            return Ok(false);
         }
         self.persist(&mut state, |sb| {
             sb.flags.remove(Flags::PRIMARY);
             sb.flags.insert(Flags::CLEAN_SHUTDOWN);
         })?;
-        Ok(())
+        Ok(true)
     }
 
     pub fn status(&self) -> VolumeStatus {
@@ -1008,9 +1013,11 @@ impl Volume {
     /// `settle`, on the session of `link`; false if the peer did not
     /// confirm in time.
     pub async fn settle_on(&self, link: &Arc<Channel>) -> bool {
+        // A barrier that fails ends the session.
         let confirmed = tokio::time::timeout(GOODBYE_WAIT, self.barrier(link))
             .await
-            .is_ok();
+            .is_ok()
+            && !link.is_closed();
         if !confirmed {
             tracing::warn!("the peer did not confirm a barrier in time");
         }
@@ -1029,11 +1036,12 @@ impl Volume {
             // A peer that answers nothing will not end the session either.
             return;
         }
-        let told = tokio::time::timeout(link.timeout(), link.send(&Message::Disconnect)).await;
-        let ended = matches!(told, Ok(Ok(())))
-            && tokio::time::timeout(GOODBYE_WAIT, link.wait_closed())
-                .await
-                .is_ok();
+        let parting = async {
+            if link.send(&Message::Disconnect).await.is_ok() {
+                link.wait_closed().await;
+            }
+        };
+        let ended = tokio::time::timeout(GOODBYE_WAIT, parting).await.is_ok() && link.is_closed();
         if !ended {
             tracing::warn!(
                 "the peer did not end the session in time; writes it answered last may be resynced"
@@ -1173,6 +1181,13 @@ impl Volume {
     /// Where writes go while the peer receives them; `None` when it does not.
     pub fn set_link(&self, link: Option<Arc<Channel>>) {
         *self.link.lock().unwrap() = link;
+    }
+
+    /// The session with the peer is over (or never opened): writes no
+    /// longer go to it, and its role no longer bars a promotion.
+    pub fn end_session(&self) {
+        self.set_link(None);
+        self.state.lock().unwrap().peer_connected = false;
     }
 
     /// Starts a new data generation before the first write the peer will not
@@ -1663,7 +1678,7 @@ mod tests {
             0,
             "answered by protocol A at once"
         );
-        volume.shutdown().await.unwrap();
+        assert!(volume.shutdown().await.unwrap(), "a clean shutdown");
         drop(volume);
         let reopened = reopen(dir.path()).await;
         assert!(
@@ -1704,7 +1719,7 @@ mod tests {
         volume.promote(true).await.unwrap();
         // As an answer task that never runs would leave it.
         volume.unanswered_writes.send_modify(|n| *n += 1);
-        volume.shutdown().await.unwrap();
+        assert!(!volume.shutdown().await.unwrap(), "recorded as a crash");
         drop(volume);
         let flags = reopen(dir.path())
             .await
@@ -1718,15 +1733,14 @@ mod tests {
     }
 
     /// A promotion and the news that the peer became primary are checked
-    /// against each other in one step each: while connected to a primary,
+    /// against each other in one step each: while a session says the peer
+    /// is primary (from its handshake on, before any link carries writes),
     /// a promotion is refused even with force, and a node that is primary
     /// refuses the news rather than record it.
     #[tokio::test]
     async fn a_promotion_and_a_primary_peer_exclude_each_other() {
         let dir = tempfile::tempdir().unwrap();
         let volume = fresh_volume(dir.path()).await;
-        let ((link, _), (_, _peer)) = peer::channel_pair(1).await;
-        volume.set_link(Some(link));
         volume.note_peer_role(true).unwrap();
         let refused = volume.promote(true).await.unwrap_err();
         assert!(matches!(refused, Error::TwoPrimaries), "{refused}");
@@ -1734,7 +1748,8 @@ mod tests {
         let flags = volume.state.lock().unwrap().superblock.flags;
         assert!(!flags.contains(Flags::PRIMARY), "{flags:?}");
 
-        volume.note_peer_role(false).unwrap();
+        // The session over, a forced promotion is the operator's call.
+        volume.end_session();
         volume.promote(true).await.unwrap();
         let refused = volume.note_peer_role(true).unwrap_err();
         assert!(matches!(refused, Error::TwoPrimaries), "{refused}");

@@ -172,6 +172,8 @@ pub struct Peer {
     channel: Mutex<Option<Arc<Channel>>>,
     /// Whether the operator wants the link up (`connect` / `disconnect`).
     wanted: watch::Sender<bool>,
+    /// A planned disconnection is under way: no new session (see `part`).
+    parting: AtomicBool,
     /// Ends the current session so the next handshake decides afresh.
     kick: Notify,
     /// `verify` asked for.
@@ -194,14 +196,22 @@ struct Shared {
 }
 
 impl Peer {
-    /// `connect`: (re)establish the link from now on.
-    /// `connect`; with `discard_my_data`, the next session resolves a split
-    /// brain in the peer's favour.
+    /// `connect`: (re)establish the link from now on; with
+    /// `discard_my_data`, the next session resolves a split brain in the
+    /// peer's favour.
     pub fn connect(&self, discard_my_data: bool) {
         if discard_my_data {
             self.discard_my_data.store(true, Ordering::Relaxed);
         }
+        self.parting.store(false, Ordering::Relaxed);
         self.wanted.send_replace(true);
+    }
+
+    /// Before a planned disconnection (`disconnect`, `down`): the current
+    /// session goes on until it is settled, but no new one starts, so the
+    /// peer's answer of ending it is not followed by a reconnection.
+    pub fn part(&self) {
+        self.parting.store(true, Ordering::Relaxed);
     }
 
     /// `disconnect`: drop the link and stay StandAlone until `connect`.
@@ -328,6 +338,7 @@ pub fn spawn(
         }),
         channel: Mutex::new(None),
         wanted: watch::channel(true).0,
+        parting: AtomicBool::new(false),
         kick: Notify::new(),
         verify_wanted: Notify::new(),
         discard_my_data: AtomicBool::new(false),
@@ -427,12 +438,14 @@ impl Manager {
                 delay = RECONNECT_DELAY_MIN;
                 carried = None;
             }
-            let last_load = self.last_load.lock().unwrap().take();
-            if let Some(load) = last_load {
+            if self.peer.parting.load(Ordering::Relaxed) {
+                // A planned disconnection: `disconnect` or shutdown follows
+                // (or `connect` calls it off).
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => return,
-                    _ = self.drain(&load) => {}
+                    _ = wanted.changed() => {}
                 }
+                continue;
             }
             let attempt = async {
                 match arrivals.as_mut() {
@@ -446,7 +459,7 @@ impl Manager {
                 _ = self.peer.kick.notified() => Ok(()),
                 outcome = attempt => outcome,
             };
-            self.volume.set_link(None);
+            self.volume.end_session();
             let ended = self.peer.channel.lock().unwrap().take();
             if let Some(channel) = ended {
                 channel.close("session ended");
@@ -488,6 +501,21 @@ impl Manager {
                     Err(e) => s.last_error = Some(e.to_string()),
                 }
             });
+            let last_load = self.last_load.lock().unwrap().take();
+            if let Some(load) = last_load {
+                let waited = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    waited = self.drain(&load) => waited,
+                };
+                if waited {
+                    // Connections that came during the wait bring handshakes
+                    // from then: the peer dials again.
+                    carried = None;
+                    if let Some(arrivals) = arrivals.as_mut() {
+                        while arrivals.try_recv().is_ok() {}
+                    }
+                }
+            }
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = wanted.changed() => {}
@@ -516,7 +544,10 @@ impl Manager {
                     continue;
                 }
             };
-            if !*self.peer.wanted.borrow() || self.draining.load(Ordering::Relaxed) {
+            if !*self.peer.wanted.borrow()
+                || self.peer.parting.load(Ordering::Relaxed)
+                || self.draining.load(Ordering::Relaxed)
+            {
                 continue;
             }
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
@@ -1084,9 +1115,10 @@ impl Manager {
     /// disk. A disk that hangs holds them: a new session would only hang
     /// the peer's writes again (a resync's among them), so until then the
     /// peer goes on alone, as after a crash of this node.
-    async fn drain(&self, load: &PeerLoad) {
+    /// Returns whether it had to wait.
+    async fn drain(&self, load: &PeerLoad) -> bool {
         if load.is_drained() {
-            return;
+            return false;
         }
         let message = "writes of the last session have not reached this node's disk (does it \
                        hang?): no new session until they have";
@@ -1096,6 +1128,7 @@ impl Manager {
         load.drained().await;
         self.draining.store(false, Ordering::Relaxed);
         tracing::info!("the last session's writes are on the disk; connecting again");
+        true
     }
 
     /// Handles incoming messages until the link fails.
@@ -1109,6 +1142,7 @@ impl Manager {
         let load = Arc::new(PeerLoad::new());
         *self.last_load.lock().unwrap() = Some(load.clone());
         let mut _verifying = None;
+        let mut _parting = None;
         loop {
             let (seq, message) = tokio::select! {
                 message = inbox.next() => message?,
@@ -1227,23 +1261,37 @@ impl Manager {
                     .await?
                 }
                 Message::ReadReply { seq, errno, data } => link.answer_with_data(seq, errno, data),
-                Message::Disconnect => {
+                Message::Disconnect if _parting.is_none() => {
                     // The peer's operator disconnects: the writes it answered
                     // are made durable there first, so that the end of the
                     // session marks none of them for resync.
                     let (volume, link) = (self.volume.clone(), link.clone());
-                    tokio::spawn(async move {
+                    _parting = Some(AbortOnDrop(tokio::spawn(async move {
                         volume.settle_on(&link).await;
                         link.close("the peer disconnected");
-                    });
+                    })));
                 }
+                // Told once is enough.
+                Message::Disconnect => {}
                 Message::ResyncDone { current } => {
                     resyncing.expect_target("ResyncDone")?;
                     if current == 0 {
                         return Err(PeerError::Wire("ResyncDone names no generation".into()));
                     }
                     resyncing = Resyncing::No;
-                    self.volume.finish_sync_target(current).await?;
+                    // With a share of the load, in a task of its own: a
+                    // disk that hangs here holds the next session back (see
+                    // `drain`), not this one past the end of its links.
+                    let share = share_unless_closed(link, load.flush()).await?;
+                    let volume = self.volume.clone();
+                    let finishing = tokio::spawn(async move {
+                        let _share = share;
+                        volume.finish_sync_target(current).await
+                    });
+                    tokio::select! {
+                        finished = finishing => finished.expect("finishing a resync panicked")?,
+                        reason = link.wait_closed() => return Err(PeerError::LinksLost(reason)),
+                    }
                     let _ = link.send(&self.volume.state_message()).await;
                     self.established(link).await;
                 }
