@@ -20,8 +20,11 @@ use rand::{Rng, SeedableRng};
 const NODES: [&str; 2] = ["alpha", "beta"];
 /// Blocks the workload writes: 8 MiB of the 63 MiB data area.
 const BLOCKS: u64 = 2048;
-/// The schedules CI runs: fixed, so that a red run can be replayed.
-const SEEDS: [u64; 2] = [0x5eed_0001, 0x5eed_0002];
+/// The schedules CI runs: fixed, so that a red run can be replayed, and
+/// picked for their spread: protocol C over two links with kills of every
+/// kind; C over one link with a hung disk and a clean hand-over; protocol
+/// A over two links with both disks failing in turn.
+const SEEDS: [u64; 3] = [0x5eed_0010, 0x5eed_0014, 0x5eed_0015];
 const STEPS_PER_SCHEDULE: usize = 8;
 const WORKLOAD_LIMIT: Duration = Duration::from_secs(60);
 
