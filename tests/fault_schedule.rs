@@ -235,6 +235,9 @@ impl Pair {
                 assert_eq!(ended, Ended::OutOfTime, "the primary failed a write");
                 let alone = self.wait_peer_gone(p);
                 assert_eq!(alone["role"], "Primary", "{alone}");
+                // The primary serves on alone.
+                let count = self.writes();
+                self.write(count).await;
                 self.up(s);
                 let moved = self.settle("after the secondary's return");
                 self.assert_differential(moved, "killed secondary");

@@ -68,6 +68,11 @@ pub enum Error {
     #[error("The connected peer is primary, and so is this node: two primaries are never allowed")]
     TwoPrimaries,
     #[error(
+        "The resync to this node was called off (`invalidate`, or a forced promotion) before \
+         its end was recorded: the end is not recorded"
+    )]
+    ResyncCalledOff,
+    #[error(
         "This node became primary while the handshake made it the sync target; a primary is \
          never overwritten by a resync: reconnecting, so the peers decide again"
     )]

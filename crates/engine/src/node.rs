@@ -93,8 +93,8 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     notify_systemd("STOPPING=1");
     let _ = stop_nbd.send(true);
     let _ = nbd_task.await;
-    volume.say_goodbye().await;
     peer.part();
+    volume.say_goodbye().await;
     volume.prepare_disconnect().await;
     let _ = stop_peer.send(true);
     let clean = volume.shutdown().await?;
@@ -240,6 +240,11 @@ async fn handle_control(
                 Err(e) => Err(e),
             };
             volume.announce_state().await;
+            if result.is_ok() {
+                // The peer takes frames in order: once it confirms a barrier
+                // sent after the news, it knows, and may be promoted at once.
+                volume.settle().await;
+            }
             (to_response(result), false)
         }
         Request::Connect { discard_my_data } => {

@@ -139,6 +139,9 @@ struct State {
     /// A session's handshake has told this node the peer's role, which
     /// stands until the session ends (`PEER_PRIMARY` outlives it).
     peer_connected: bool,
+    /// A resync to this node is under way: its end is recorded only if
+    /// nothing (`invalidate`, a forced promotion) called it off meanwhile.
+    sync_target: bool,
     /// A promotion is recorded on disk but not yet open to clients: the
     /// peer is told Primary from now on, so no `State` sent meanwhile
     /// (ahead of the clients' first write) says otherwise.
@@ -323,6 +326,7 @@ impl Volume {
                 promoting: false,
                 disk_failed: false,
                 peer_connected: false,
+                sync_target: false,
             }),
             role_change: tokio::sync::Mutex::new(()),
             tracker,
@@ -466,6 +470,7 @@ impl Volume {
             }
         })?;
         state.promoting = true;
+        state.sync_target = false;
         Ok(Some(disk_state))
     }
 
@@ -1101,6 +1106,7 @@ impl Volume {
         if state.role == Role::Primary {
             return Err(Error::InvalidatePrimary);
         }
+        state.sync_target = false;
         self.persist(&mut state, |sb| {
             sb.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE);
             let g = &mut sb.generations;
@@ -1289,7 +1295,9 @@ impl Volume {
         }
         self.persist(&mut state, |sb| {
             sb.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE)
-        })
+        })?;
+        state.sync_target = true;
+        Ok(())
     }
 
     /// The resync is complete: this node holds the peer's generation.
@@ -1298,6 +1306,11 @@ impl Volume {
         self.tracker.flush(&self.store).await?;
         self.store.flush().await?;
         let mut state = self.state.lock().unwrap();
+        // (The finish may outlive its session: the data is all here.)
+        if !state.sync_target || state.says_primary() {
+            return Err(Error::ResyncCalledOff);
+        }
+        state.sync_target = false;
         self.persist(&mut state, |sb| {
             let g = &mut sb.generations;
             if g.current != current && g.current != 0 {
@@ -1755,5 +1768,52 @@ mod tests {
         assert!(matches!(refused, Error::TwoPrimaries), "{refused}");
         let flags = volume.state.lock().unwrap().superblock.flags;
         assert!(!flags.contains(Flags::PEER_PRIMARY), "{flags:?}");
+    }
+
+    /// A peer that steps down while connected no longer bars a promotion.
+    #[tokio::test]
+    async fn a_peer_that_steps_down_no_longer_bars_a_promotion() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        volume.note_peer_role(true).unwrap();
+        let refused = volume.promote(true).await.unwrap_err();
+        assert!(matches!(refused, Error::TwoPrimaries), "{refused}");
+        volume.note_peer_role(false).unwrap();
+        volume.promote(true).await.unwrap();
+        assert_eq!(volume.role(), Role::Primary);
+    }
+
+    /// The end of a resync that `invalidate` or a forced promotion called
+    /// off while it was being recorded would undo them: it is refused.
+    /// Uncalled-off, it is recorded.
+    #[tokio::test]
+    async fn a_resync_called_off_is_not_recorded_as_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        let generation = |v: &Volume| v.state.lock().unwrap().superblock.generations.current;
+        let up_to_date = |v: &Volume| {
+            let flags = v.state.lock().unwrap().superblock.flags;
+            flags.contains(Flags::UP_TO_DATE)
+        };
+
+        volume.begin_sync_target().await.unwrap();
+        volume.invalidate().unwrap();
+        let refused = volume.finish_sync_target(0x1234).await.unwrap_err();
+        assert!(matches!(refused, Error::ResyncCalledOff), "{refused}");
+        assert_eq!(generation(&volume), 0);
+        assert!(!up_to_date(&volume));
+
+        volume.begin_sync_target().await.unwrap();
+        volume.promote(true).await.unwrap();
+        let forced = generation(&volume);
+        let refused = volume.finish_sync_target(0x1234).await.unwrap_err();
+        assert!(matches!(refused, Error::ResyncCalledOff), "{refused}");
+        assert_eq!(generation(&volume), forced);
+
+        volume.demote().await.unwrap();
+        volume.begin_sync_target().await.unwrap();
+        volume.finish_sync_target(0x1234).await.unwrap();
+        assert_eq!(generation(&volume), 0x1234);
+        assert!(up_to_date(&volume));
     }
 }

@@ -727,6 +727,10 @@ impl Manager {
         session: u64,
         arrivals: Option<(&mut mpsc::Receiver<Arrival>, &mut Option<Arrival>)>,
     ) -> Result<(), PeerError> {
+        if self.peer.parting.load(Ordering::Relaxed) {
+            // A handshake that was under way as the operator disconnected.
+            return Err(PeerError::NotYet("this node is disconnecting".into()));
+        }
         let volume_uuid = self.check_hello(&first.local, &first.remote)?;
         let decision = self.decide(&first.local, &first.remote)?;
         self.peer.discard_my_data.store(false, Ordering::Relaxed);
@@ -1289,7 +1293,9 @@ impl Manager {
                         volume.finish_sync_target(current).await
                     });
                     tokio::select! {
-                        finished = finishing => finished.expect("finishing a resync panicked")?,
+                        finished = finishing => finished.map_err(|e| {
+                            PeerError::Io(std::io::Error::other(format!("finishing the resync: {e}")))
+                        })??,
                         reason = link.wait_closed() => return Err(PeerError::LinksLost(reason)),
                     }
                     let _ = link.send(&self.volume.state_message()).await;
