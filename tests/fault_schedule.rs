@@ -1,6 +1,6 @@
 //! Seeded fault schedules: a seed draws a sequence of kills, clean
-//! restarts, disconnections, switchovers and writes, and the sequence runs
-//! against two real nodes. After every step the pair must settle in sync,
+//! restarts, disconnections, switchovers, disk faults and writes, and runs
+//! it against two real nodes. After every step the pair must settle in sync,
 //! byte-identical, with no acknowledged write lost. The fixed scenarios of
 //! `failover.rs` prove each fault alone; these prove them one after another
 //! in orders nobody wrote down, with replication protocol A, B or C over
@@ -108,7 +108,8 @@ impl Pair {
         1 - self.primary
     }
 
-    fn writes(&mut self) -> u64 {
+    /// How many writes a step makes, drawn from the seed.
+    fn write_count(&mut self) -> u64 {
         self.rng.gen_range(100..1000)
     }
 
@@ -207,14 +208,14 @@ impl Pair {
         let (p, s) = (self.primary, self.secondary());
         match step {
             Step::Write => {
-                let count = self.writes();
+                let count = self.write_count();
                 self.write(count).await;
                 self.settle("after writes");
             }
             Step::WriteApart => {
                 self.res.ok(self.name(s), &["disconnect"]);
                 self.wait_peer_gone(p);
-                let count = self.writes();
+                let count = self.write_count();
                 self.write(count).await;
                 let dirty = self.res.status(self.name(p))["out_of_sync_bytes"]
                     .as_u64()
@@ -236,7 +237,7 @@ impl Pair {
                 let alone = self.wait_peer_gone(p);
                 assert_eq!(alone["role"], "Primary", "{alone}");
                 // The primary serves on alone.
-                let count = self.writes();
+                let count = self.write_count();
                 self.write(count).await;
                 self.up(s);
                 let moved = self.settle("after the secondary's return");
@@ -244,7 +245,7 @@ impl Pair {
             }
             Step::RestartSecondary => {
                 self.down(s);
-                let count = self.writes();
+                let count = self.write_count();
                 self.write(count).await;
                 self.up(s);
                 let moved = self.settle("after the secondary's restart");
@@ -315,7 +316,7 @@ impl Pair {
             Step::SecondaryDiskFails => {
                 let data_area = format!("fail-write={DATA_OFFSET}-{DISK_BYTES}");
                 self.res.ok(self.name(s), &["fault", &data_area]);
-                let count = self.writes();
+                let count = self.write_count();
                 self.write(count).await;
                 self.res.wait_status(self.name(s), "a detached disk", |st| {
                     st["disk_state"] == "Diskless"
@@ -331,7 +332,7 @@ impl Pair {
                 let whole_disk =
                     format!("fail-write=0-{DISK_BYTES},fail-read={DATA_OFFSET}-{DISK_BYTES}");
                 self.res.ok(self.name(p), &["fault", &whole_disk]);
-                let count = self.writes();
+                let count = self.write_count();
                 self.write(count).await;
                 let diskless = self.res.status(self.name(p));
                 assert_eq!(diskless["disk_state"], "Diskless", "{diskless}");
@@ -352,7 +353,7 @@ impl Pair {
             Step::SecondaryDiskHangs => {
                 let data_area = format!("stall-write={DATA_OFFSET}-{DISK_BYTES}");
                 self.res.ok(self.name(s), &["fault", &data_area]);
-                let count = self.writes();
+                let count = self.write_count();
                 self.write(count).await;
                 self.res
                     .wait_error(self.name(s), "have not reached this node's disk");
@@ -369,7 +370,7 @@ impl Pair {
     /// The new primary writes alone; then the old one returns as its
     /// secondary and catches up by a differential resync.
     async fn write_until_the_old_primary_returns(&mut self, old: usize, what: &str) {
-        let count = self.writes();
+        let count = self.write_count();
         self.write(count).await;
         self.up(old);
         let moved = self.settle("after the old primary's return");
