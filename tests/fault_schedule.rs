@@ -237,19 +237,12 @@ impl Pair {
                 let alone = self.wait_peer_gone(p);
                 assert_eq!(alone["role"], "Primary", "{alone}");
                 // The primary serves on alone.
-                let count = self.write_count();
-                self.write(count).await;
-                self.up(s);
-                let moved = self.settle("after the secondary's return");
-                self.assert_differential(moved, "killed secondary");
+                self.write_until_it_returns(s, "the killed secondary").await;
             }
             Step::RestartSecondary => {
                 self.down(s);
-                let count = self.write_count();
-                self.write(count).await;
-                self.up(s);
-                let moved = self.settle("after the secondary's restart");
-                self.assert_differential(moved, "restarted secondary");
+                self.write_until_it_returns(s, "the restarted secondary")
+                    .await;
             }
             Step::KillPrimary => {
                 let ended = self.kill_while_writing(&[p]).await;
@@ -264,8 +257,7 @@ impl Pair {
                 assert!(refusal.contains("may have written"), "{refusal}");
                 self.res.ok(self.name(s), &["primary", "--force"]);
                 self.primary = s;
-                self.write_until_the_old_primary_returns(p, "killed primary")
-                    .await;
+                self.write_until_it_returns(p, "the killed primary").await;
             }
             Step::PowerLoss => {
                 let ended = self.kill_while_writing(&[p, s]).await;
@@ -306,7 +298,7 @@ impl Pair {
                 assert_eq!(status["disk_state"], "UpToDate", "{status}");
                 self.res.ok(self.name(s), &["primary"]);
                 self.primary = s;
-                self.write_until_the_old_primary_returns(p, "primary that left")
+                self.write_until_it_returns(p, "the primary that left")
                     .await;
             }
             Step::Verify => {
@@ -367,13 +359,13 @@ impl Pair {
         }
     }
 
-    /// The new primary writes alone; then the old one returns as its
-    /// secondary and catches up by a differential resync.
-    async fn write_until_the_old_primary_returns(&mut self, old: usize, what: &str) {
+    /// The primary writes alone; then `node` returns as its secondary and
+    /// catches up by a differential resync.
+    async fn write_until_it_returns(&mut self, node: usize, what: &str) {
         let count = self.write_count();
         self.write(count).await;
-        self.up(old);
-        let moved = self.settle("after the old primary's return");
+        self.up(node);
+        let moved = self.settle(&format!("after the return of {what}"));
         self.assert_differential(moved, what);
     }
 
