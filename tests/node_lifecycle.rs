@@ -622,6 +622,65 @@ fn sigterm_is_clean_and_sigkill_is_a_crash() {
     );
 }
 
+/// Control requests do not wait for one another: a client that connects
+/// and says nothing holds up neither `status` nor SIGTERM (and is told so
+/// after a while), and a `disconnect` waiting for a silent peer does not
+/// hold up `status`.
+#[test]
+fn control_requests_do_not_wait_for_one_another() {
+    use std::io::BufRead;
+    let res = Resource::new();
+    let (mut alpha, beta) = synced_pair(&res);
+    let silent = std::os::unix::net::UnixStream::connect(res.dir.path().join("alpha.ctl")).unwrap();
+    let status = run_bounded(
+        blkmirror(&res.config, "alpha", &["status", "--json"]),
+        REACTION_LIMIT,
+    );
+    let s: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(s["role"], "Primary", "{s}");
+
+    // The peer stops answering; disconnecting waits for its goodbye.
+    signal(beta.child.id(), libc::SIGSTOP);
+    let disconnect = {
+        let cmd = blkmirror(&res.config, "alpha", &["disconnect"]);
+        std::thread::spawn(move || run_bounded(cmd, REACTION_LIMIT))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let status = run_bounded(
+        blkmirror(&res.config, "alpha", &["status", "--json"]),
+        REACTION_LIMIT,
+    );
+    assert!(status.status.success(), "{}", stderr_of(&status));
+    assert!(
+        !disconnect.is_finished(),
+        "`status` waited for `disconnect` (or the peer's goodbye took no wait)"
+    );
+    let disconnected = disconnect.join().unwrap();
+    assert!(
+        disconnected.status.success(),
+        "{}",
+        stderr_of(&disconnected)
+    );
+    signal(beta.child.id(), libc::SIGCONT);
+
+    // The silent client is told it took too long.
+    silent.set_read_timeout(Some(REACTION_LIMIT)).unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(&silent)
+        .read_line(&mut answer)
+        .unwrap();
+    assert!(answer.contains("no request within"), "{answer:?}");
+
+    // One more that says nothing, still connected while the node goes down.
+    let _silent =
+        std::os::unix::net::UnixStream::connect(res.dir.path().join("alpha.ctl")).unwrap();
+    signal(alpha.child.id(), libc::SIGTERM);
+    let exit = wait_exit(&mut alpha, REACTION_LIMIT);
+    assert!(exit.success(), "SIGTERM exit: {exit}: {}", alpha.log());
+    assert!(has_flag(&dump_md(&res, "alpha"), "clean_shutdown"));
+    res.down("beta", beta);
+}
+
 /// A second `up` of a running node is refused, and so is a node pointed at
 /// its peer's disk.
 #[test]

@@ -62,6 +62,11 @@ pub async fn call(socket: &Path, request: &Request) -> Result<Response, Error> {
         .read_line(&mut answer)
         .await
         .map_err(not_up)?;
+    if answer.is_empty() {
+        return Err(Error::Control(
+            "the node closed the control connection without answering (is it going down?)".into(),
+        ));
+    }
     serde_json::from_str(&answer)
         .map_err(|e| Error::Control(format!("unreadable answer {answer:?}: {e}")))
 }

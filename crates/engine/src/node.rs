@@ -3,19 +3,23 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use blkmirror_config::{Config, Endpoint};
 use blkmirror_nbd::Listener;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 
 use crate::control::{self, Request, Response};
 use crate::frontend::{NbdExport, UblkFrontend};
 use crate::peer::{self, Peer};
 use crate::volume::{Role, Volume};
 use crate::Error;
+
+/// How long a control client may take to send its request.
+const CONTROL_REQUEST_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs `node` of `config` in the foreground until it is told to stop.
 pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
@@ -72,24 +76,33 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     );
     notify_systemd("READY=1");
 
+    let (going_down, mut down_asked) = mpsc::channel(1);
+    let control = Arc::new(ControlServer {
+        volume: volume.clone(),
+        peer: peer.clone(),
+        ublk,
+        changes: Arc::new(tokio::sync::Mutex::new(())),
+        going_down,
+    });
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
-    loop {
+    // Held until the process ends: no change runs during the shutdown.
+    let _no_more_changes = loop {
         tokio::select! {
             _ = sigterm.recv() => {
-                if may_go_down(ublk.as_ref(), "SIGTERM").await { break; }
+                tokio::spawn(control.clone().go_down_on_signal("SIGTERM"));
             }
             _ = sigint.recv() => {
-                if may_go_down(ublk.as_ref(), "SIGINT").await { break; }
+                tokio::spawn(control.clone().go_down_on_signal("SIGINT"));
             }
             accepted = control_listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                if handle_control(stream, &volume, &peer, ublk.as_ref()).await {
-                    break;
+                if let Ok((stream, _)) = accepted {
+                    tokio::spawn(control.clone().serve(stream));
                 }
             }
+            Some(changes) = down_asked.recv() => break changes,
         }
-    }
+    };
     notify_systemd("STOPPING=1");
     let _ = stop_nbd.send(true);
     let _ = nbd_task.await;
@@ -118,7 +131,7 @@ async fn resume_ublk(
     ublk: &UblkFrontend,
     volume: &Arc<Volume>,
     peer: &Arc<Peer>,
-    peer_timeout: std::time::Duration,
+    peer_timeout: Duration,
 ) {
     match ublk.left_by_dead_daemon() {
         Ok(false) => {}
@@ -131,7 +144,7 @@ async fn resume_ublk(
             // primary meanwhile must not be met by a second primary.
             let deadline = tokio::time::Instant::now() + peer_timeout;
             while peer.status().peer_role.is_none() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let peer_status = peer.status();
             let resumed = if peer_status.peer_role == Some(Role::Primary) {
@@ -155,142 +168,193 @@ async fn resume_ublk(
     }
 }
 
-/// Removes the ublk device, if the node has one; refused while it is in
-/// use (as DRBD refuses to demote or stop a device held open).
-async fn stop_ublk(ublk: Option<&UblkFrontend>) -> Result<(), Error> {
-    match ublk {
-        Some(ublk) => ublk.stop().await,
-        None => Ok(()),
-    }
+/// Serves control requests, each connection in a task of its own, so that
+/// `status` answers at once whatever else runs, and a client that never
+/// sends its request holds up nothing.
+struct ControlServer {
+    volume: Arc<Volume>,
+    peer: Arc<Peer>,
+    ublk: Option<UblkFrontend>,
+    /// Requests that change something run one at a time, in the order they
+    /// came (tokio's mutex is fair), as DRBD runs its state changes.
+    changes: Arc<tokio::sync::Mutex<()>>,
+    /// Tells the main loop to take the node down. It carries the lock on
+    /// changes, so that none starts between the decision and the exit.
+    going_down: mpsc::Sender<OwnedMutexGuard<()>>,
 }
 
-/// NBD connections attached: the volume's clients, less the ublk device.
-fn nbd_clients(volume: &Volume, ublk: Option<&UblkFrontend>) -> usize {
-    let held_by_device = usize::from(ublk.and_then(UblkFrontend::serving).is_some());
-    volume.attached_clients().saturating_sub(held_by_device)
-}
-
-/// A signal asks the node down: it goes once its ublk device is removed,
-/// and stays up while the device is in use.
-async fn may_go_down(ublk: Option<&UblkFrontend>, why: &str) -> bool {
-    match stop_ublk(ublk).await {
-        Ok(()) => {
-            tracing::info!("{why}: going down");
-            true
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "{why}: not going down");
-            false
-        }
-    }
-}
-
-/// Serves one control request. Returns true when the node must go down.
-async fn handle_control(
-    stream: UnixStream,
-    volume: &Arc<Volume>,
-    peer: &Arc<Peer>,
-    ublk: Option<&UblkFrontend>,
-) -> bool {
-    let mut stream = BufReader::new(stream);
-    let request = match control::read_request(&mut stream).await {
-        Ok(r) => r,
-        Err(message) => {
-            let _ = control::write_response(&mut stream, &Response::Error { message }).await;
-            return false;
-        }
-    };
-    tracing::debug!(?request, "control request");
-    let (response, down) = match request {
-        Request::Status => {
-            let mut status = volume.status();
-            status.peer = Some(peer.status());
-            status.nbd_clients = nbd_clients(volume, ublk);
-            status.ublk_device = ublk
-                .and_then(UblkFrontend::serving)
-                .map(|device| device.display().to_string());
-            (Response::Status(Box::new(status)), false)
-        }
-        Request::Primary { force } => {
-            let mut result = if peer.status().peer_role == Some(Role::Primary) {
-                Err(Error::PeerIsPrimary(peer.status().peer_node))
-            } else {
-                volume.promote(force).await
+impl ControlServer {
+    async fn serve(self: Arc<Self>, stream: UnixStream) {
+        let mut stream = BufReader::new(stream);
+        let request =
+            match tokio::time::timeout(CONTROL_REQUEST_WAIT, control::read_request(&mut stream))
+                .await
+            {
+                Ok(Ok(request)) => request,
+                Ok(Err(message)) => {
+                    let _ =
+                        control::write_response(&mut stream, &Response::Error { message }).await;
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("a control client sent no request in time");
+                    let message = format!("no request within {} s", CONTROL_REQUEST_WAIT.as_secs());
+                    let _ =
+                        control::write_response(&mut stream, &Response::Error { message }).await;
+                    return;
+                }
             };
-            if let (Ok(()), Some(ublk)) = (&result, ublk) {
-                if let Err(e) = ublk.start().await {
-                    if let Err(demote) = volume.demote().await {
-                        tracing::error!(error = %demote, "demoting after the ublk device failed");
+        tracing::debug!(?request, "control request");
+        let response = match request {
+            Request::Status => self.status(),
+            Request::Down => match self.ready_to_go_down().await {
+                Ok(changes) => {
+                    // Answer first: the process may end soon after.
+                    let _ = control::write_response(&mut stream, &Response::Ok).await;
+                    let _ = self.going_down.send(changes).await;
+                    return;
+                }
+                Err(e) => to_response(Err(e)),
+            },
+            change => {
+                let _one_at_a_time = self.changes.lock().await;
+                self.change(change).await
+            }
+        };
+        let _ = control::write_response(&mut stream, &response).await;
+    }
+
+    fn status(&self) -> Response {
+        let mut status = self.volume.status();
+        status.peer = Some(self.peer.status());
+        status.nbd_clients = self.nbd_clients();
+        status.ublk_device = self
+            .ublk
+            .as_ref()
+            .and_then(UblkFrontend::serving)
+            .map(|device| device.display().to_string());
+        Response::Status(Box::new(status))
+    }
+
+    /// Runs a request that changes something; `status` and `down` are not
+    /// among them.
+    async fn change(&self, request: Request) -> Response {
+        let (volume, peer) = (&self.volume, &self.peer);
+        match request {
+            Request::Primary { force } => {
+                let mut result = if peer.status().peer_role == Some(Role::Primary) {
+                    Err(Error::PeerIsPrimary(peer.status().peer_node))
+                } else {
+                    volume.promote(force).await
+                };
+                if let (Ok(()), Some(ublk)) = (&result, &self.ublk) {
+                    if let Err(e) = ublk.start().await {
+                        if let Err(demote) = volume.demote().await {
+                            tracing::error!(error = %demote, "demoting after the ublk device failed");
+                        }
+                        volume.announce_state().await;
+                        result = Err(Error::ExportFailed(Box::new(e)));
                     }
-                    volume.announce_state().await;
-                    result = Err(Error::ExportFailed(Box::new(e)));
+                }
+                to_response(result)
+            }
+            Request::Secondary => {
+                // NBD clients refuse the demotion anyway: keep the device
+                // rather than remove it for nothing.
+                let result = match self.nbd_clients() {
+                    0 => self.stop_ublk().await,
+                    clients => Err(Error::ClientsAttached(clients)),
+                };
+                let result = match result {
+                    Ok(()) => volume.demote().await,
+                    Err(e) => Err(e),
+                };
+                volume.announce_state().await;
+                if result.is_ok() {
+                    // The peer takes frames in order: once it confirms a
+                    // barrier sent after the news, it knows, and may be
+                    // promoted at once.
+                    volume.settle().await;
+                }
+                to_response(result)
+            }
+            Request::Connect { discard_my_data } => {
+                if discard_my_data && volume.role() == Role::Primary {
+                    to_response(Err(Error::DiscardOnPrimary))
+                } else {
+                    peer.connect(discard_my_data);
+                    Response::Ok
                 }
             }
-            (to_response(result), false)
-        }
-        Request::Secondary => {
-            // NBD clients refuse the demotion anyway: keep the device
-            // rather than remove it for nothing.
-            let result = match nbd_clients(volume, ublk) {
-                0 => stop_ublk(ublk).await,
-                clients => Err(Error::ClientsAttached(clients)),
-            };
-            let result = match result {
-                Ok(()) => volume.demote().await,
-                Err(e) => Err(e),
-            };
-            volume.announce_state().await;
-            if result.is_ok() {
-                // The peer takes frames in order: once it confirms a barrier
-                // sent after the news, it knows, and may be promoted at once.
-                volume.settle().await;
+            Request::Disconnect => {
+                peer.part();
+                volume.prepare_disconnect().await;
+                peer.disconnect();
+                Response::Ok
             }
-            (to_response(result), false)
-        }
-        Request::Connect { discard_my_data } => {
-            let result = if discard_my_data && volume.role() == Role::Primary {
-                Err(Error::DiscardOnPrimary)
-            } else {
-                peer.connect(discard_my_data);
-                Ok(())
-            };
-            (to_response(result), false)
-        }
-        Request::Disconnect => {
-            peer.part();
-            volume.prepare_disconnect().await;
-            peer.disconnect();
-            (Response::Ok, false)
-        }
-        Request::Invalidate => {
-            let result = volume.invalidate();
-            if result.is_ok() {
+            Request::Invalidate => {
+                let result = volume.invalidate();
+                if result.is_ok() {
+                    peer.reconnect();
+                }
+                to_response(result)
+            }
+            Request::Resync { full } => {
+                if full {
+                    volume.mark_everything_for_resync();
+                }
                 peer.reconnect();
+                Response::Ok
             }
-            (to_response(result), false)
-        }
-        Request::Resync { full } => {
-            if full {
-                volume.mark_everything_for_resync();
-            }
-            peer.reconnect();
-            (Response::Ok, false)
-        }
-        Request::Verify => (
-            match peer.start_verify() {
+            Request::Verify => match peer.start_verify() {
                 Ok(()) => Response::Ok,
                 Err(message) => Response::Error { message },
             },
-            false,
-        ),
-        Request::Fault { spec } => (inject_faults(&spec), false),
-        Request::Down => match stop_ublk(ublk).await {
-            Ok(()) => (Response::Ok, true),
-            Err(e) => (to_response(Err(e)), false),
-        },
-    };
-    let _ = control::write_response(&mut stream, &response).await;
-    down
+            Request::Fault { spec } => inject_faults(&spec),
+            Request::Status | Request::Down => {
+                unreachable!("served without the lock on changes")
+            }
+        }
+    }
+
+    /// Takes the lock on changes for good, once the node may go down: not
+    /// while its ublk device is in use (as DRBD refuses to stop a device
+    /// held open).
+    async fn ready_to_go_down(&self) -> Result<OwnedMutexGuard<()>, Error> {
+        let changes = self.changes.clone().lock_owned().await;
+        self.stop_ublk().await?;
+        Ok(changes)
+    }
+
+    /// A signal asks the node down: it goes once its ublk device is
+    /// removed, and stays up while the device is in use.
+    async fn go_down_on_signal(self: Arc<Self>, why: &'static str) {
+        match self.ready_to_go_down().await {
+            Ok(changes) => {
+                tracing::info!("{why}: going down");
+                let _ = self.going_down.send(changes).await;
+            }
+            Err(e) => tracing::error!(error = %e, "{why}: not going down"),
+        }
+    }
+
+    /// Removes the ublk device, if the node has one; refused while it is in
+    /// use.
+    async fn stop_ublk(&self) -> Result<(), Error> {
+        match &self.ublk {
+            Some(ublk) => ublk.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    /// NBD connections attached: the volume's clients, less the ublk device.
+    fn nbd_clients(&self) -> usize {
+        let held_by_device =
+            usize::from(self.ublk.as_ref().and_then(UblkFrontend::serving).is_some());
+        self.volume
+            .attached_clients()
+            .saturating_sub(held_by_device)
+    }
 }
 
 #[cfg(feature = "fault-injection")]
