@@ -409,6 +409,10 @@ async fn secondary_disk_hangs(protocol: &str, primary: &str, secondary: &str) {
     );
     work.verify("the primary, which went on alone", &res.data_area(primary));
     res.wait_error(secondary, "have not reached this node's disk");
+    if secondary == "beta" {
+        // beta listens: alpha's dials are answered with the reason.
+        res.wait_error(primary, "have not reached beta's disk");
+    }
     // Long enough to see a reconnection (they come within 2 s) hang the
     // writes again, were there one.
     run_to_end(&res, &mut work, primary, 20_000).await;

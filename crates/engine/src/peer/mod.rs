@@ -57,9 +57,6 @@ const ARRIVALS_QUEUED_MAX: usize = 2 * LINKS_MAX;
 /// Link handshakes under way at once on one listening link.
 const HANDSHAKES_MAX: usize = 4;
 
-/// A flag in Hello: the operator resolved a split brain against this side
-/// (`connect --discard-my-data`): its changes go, the peer's data wins.
-pub const HELLO_FLAG_DISCARD_MY_DATA: u32 = 1 << 31;
 /// `State::disk_state`: the sender's disk failed and is detached (0: its
 /// flags tell its disk state).
 pub const STATE_DISKLESS: u8 = 1;
@@ -73,8 +70,14 @@ const READ_MAX_BYTES: u32 = 4 << 20;
 const READING_BYTES_MAX: u32 = 64 << 20;
 const READ_CHARGE_MIN_BYTES: u32 = 4096;
 const _: () = assert!(READ_MAX_BYTES <= READING_BYTES_MAX);
+/// A flag in Hello: the operator resolved a split brain against this side
+/// (`connect --discard-my-data`): its changes go, the peer's data wins.
+pub const HELLO_FLAG_DISCARD_MY_DATA: u32 = 1 << 31;
 /// A flag in Hello: the sender's disk failed and is detached.
 pub const HELLO_FLAG_DISKLESS: u32 = 1 << 29;
+/// A flag in Hello: the sender's disk still holds writes of the last
+/// session, so it opens no session yet; it only says why.
+pub const HELLO_FLAG_DRAINING: u32 = 1 << 28;
 /// A flag in Hello: this link joins the session named in the Hello rather
 /// than opening a new one.
 pub const HELLO_FLAG_JOIN: u32 = 1 << 30;
@@ -544,10 +547,7 @@ impl Manager {
                     continue;
                 }
             };
-            if !*self.peer.wanted.borrow()
-                || self.peer.parting.load(Ordering::Relaxed)
-                || self.draining.load(Ordering::Relaxed)
-            {
+            if !*self.peer.wanted.borrow() || self.peer.parting.load(Ordering::Relaxed) {
                 continue;
             }
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
@@ -562,6 +562,9 @@ impl Manager {
                 let handshake = me.link_handshake(index, stream, 0, false).await;
                 drop(permit);
                 match handshake {
+                    Ok(arrival) if arrival.local.flags & HELLO_FLAG_DRAINING != 0 => {
+                        tracing::debug!(link = index, "told the peer why no session opens yet");
+                    }
                     Ok(arrival) => {
                         let _ = arrivals.send(arrival).await;
                     }
@@ -614,6 +617,9 @@ impl Manager {
         }
         if self.peer.discard_my_data.load(Ordering::Relaxed) {
             local.flags |= HELLO_FLAG_DISCARD_MY_DATA;
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            local.flags |= HELLO_FLAG_DRAINING;
         }
         write_frame(
             &mut writer,
@@ -730,6 +736,13 @@ impl Manager {
         if self.peer.parting.load(Ordering::Relaxed) {
             // A handshake that was under way as the operator disconnected.
             return Err(PeerError::NotYet("this node is disconnecting".into()));
+        }
+        if first.remote.flags & HELLO_FLAG_DRAINING != 0 {
+            return Err(PeerError::NotYet(format!(
+                "writes of the last session have not reached {}'s disk (does it hang?): \
+                 no new session until they have",
+                self.peer_name
+            )));
         }
         let volume_uuid = self.check_hello(&first.local, &first.remote)?;
         let decision = self.decide(&first.local, &first.remote)?;
