@@ -107,8 +107,15 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let _ = stop_nbd.send(true);
     let _ = nbd_task.await;
     peer.part();
-    volume.say_goodbye().await;
-    volume.prepare_disconnect().await;
+    let said_goodbye = volume.say_goodbye().await;
+    let settled = volume.prepare_disconnect().await;
+    match (said_goodbye, settled) {
+        (false, _) => {}
+        (true, true) => tracing::info!("the peer knows this node is primary no longer"),
+        (true, false) => tracing::warn!(
+            "the peer did not confirm the goodbye: it will need `primary --force` to take over"
+        ),
+    }
     let _ = stop_peer.send(true);
     let clean = volume.shutdown().await?;
     #[cfg(feature = "fault-injection")]

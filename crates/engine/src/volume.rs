@@ -536,25 +536,21 @@ impl Volume {
 
     /// A primary going down tells the connected peer it is primary no
     /// longer, after every write, so the peer may be promoted without
-    /// `--force`. Waits for the peer's confirmation only for a while.
-    pub async fn say_goodbye(&self) {
+    /// `--force`. The barrier of `prepare_disconnect`, which follows,
+    /// confirms the news. Returns whether it told the peer.
+    pub async fn say_goodbye(&self) -> bool {
         let _changing = self.role_change.lock().await;
         let link = self.link.lock().unwrap().clone();
-        let Some(link) = link else { return };
+        let Some(link) = link else { return false };
         {
             let mut state = self.state.lock().unwrap();
             if state.role != Role::Primary || state.clients > 0 {
-                return;
+                return false;
             }
             state.role = Role::Secondary;
         }
         self.tell_role(&link).await;
-        match tokio::time::timeout(GOODBYE_WAIT, link.barrier()).await {
-            Ok(Ok(0)) => tracing::info!("the peer knows this node is primary no longer"),
-            _ => tracing::warn!(
-                "the peer did not confirm the goodbye: it will need `primary --force` to take over"
-            ),
-        }
+        true
     }
 
     /// Flushes the data and records a clean shutdown, once every write the
@@ -1034,12 +1030,14 @@ impl Volume {
     /// peer when told of the disconnection, which it answers by ending the
     /// session. So a planned disconnection, on either side, leaves nothing
     /// to resync but what is written after it. Waits for the peer a little.
-    pub async fn prepare_disconnect(&self) {
+    /// Returns whether the peer confirmed the barrier: then it also took
+    /// every message sent before.
+    pub async fn prepare_disconnect(&self) -> bool {
         let link = self.link.lock().unwrap().clone();
-        let Some(link) = link else { return };
+        let Some(link) = link else { return false };
         if !self.settle_on(&link).await {
             // A peer that answers nothing will not end the session either.
-            return;
+            return false;
         }
         let parting = async {
             if link.send(&Message::Disconnect).await.is_ok() {
@@ -1052,6 +1050,7 @@ impl Volume {
                 "the peer did not end the session in time; writes it answered last may be resynced"
             );
         }
+        true
     }
 
     /// Makes sure a barrier will follow the writes the peer answered, soon
