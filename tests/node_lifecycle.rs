@@ -623,46 +623,24 @@ fn sigterm_is_clean_and_sigkill_is_a_crash() {
 }
 
 /// Control requests do not wait for one another: a client that connects
-/// and says nothing holds up neither `status` nor SIGTERM (and is told so
+/// and says nothing holds up neither `status` nor `down` (and is told so
 /// after a while), and a `disconnect` waiting for a silent peer does not
-/// hold up `status`.
+/// hold up `status`. Changes wait for the one in progress, `down` too, and
+/// none runs after `down`.
 #[test]
 fn control_requests_do_not_wait_for_one_another() {
     use std::io::BufRead;
     let res = Resource::new();
+    // The goodbye's wait (5 s), not the peer's timeout, ends the disconnect.
+    res.edit_config(|text| text.replace("timeout = 2", "timeout = 10"));
     let (mut alpha, beta) = synced_pair(&res);
-    let silent = std::os::unix::net::UnixStream::connect(res.dir.path().join("alpha.ctl")).unwrap();
-    let status = run_bounded(
-        blkmirror(&res.config, "alpha", &["status", "--json"]),
-        REACTION_LIMIT,
-    );
+    let control = res.dir.path().join("alpha.ctl");
+    let silent = std::os::unix::net::UnixStream::connect(&control).unwrap();
+    let bounded =
+        |args: &[&str]| run_bounded(blkmirror(&res.config, "alpha", args), REACTION_LIMIT);
+    let status = bounded(&["status", "--json"]);
     let s: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(s["role"], "Primary", "{s}");
-
-    // The peer stops answering; disconnecting waits for its goodbye.
-    signal(beta.child.id(), libc::SIGSTOP);
-    let disconnect = {
-        let cmd = blkmirror(&res.config, "alpha", &["disconnect"]);
-        std::thread::spawn(move || run_bounded(cmd, REACTION_LIMIT))
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    let status = run_bounded(
-        blkmirror(&res.config, "alpha", &["status", "--json"]),
-        REACTION_LIMIT,
-    );
-    assert!(status.status.success(), "{}", stderr_of(&status));
-    assert!(
-        !disconnect.is_finished(),
-        "`status` waited for `disconnect` (or the peer's goodbye took no wait)"
-    );
-    let disconnected = disconnect.join().unwrap();
-    assert!(
-        disconnected.status.success(),
-        "{}",
-        stderr_of(&disconnected)
-    );
-    signal(beta.child.id(), libc::SIGCONT);
-
     // The silent client is told it took too long.
     silent.set_read_timeout(Some(REACTION_LIMIT)).unwrap();
     let mut answer = String::new();
@@ -670,14 +648,42 @@ fn control_requests_do_not_wait_for_one_another() {
         .read_line(&mut answer)
         .unwrap();
     assert!(answer.contains("no request within"), "{answer:?}");
+    let _silent_still = std::os::unix::net::UnixStream::connect(&control).unwrap();
 
-    // One more that says nothing, still connected while the node goes down.
-    let _silent =
-        std::os::unix::net::UnixStream::connect(res.dir.path().join("alpha.ctl")).unwrap();
-    signal(alpha.child.id(), libc::SIGTERM);
+    // The peer stops answering; disconnecting waits for its goodbye.
+    signal(beta.child.id(), libc::SIGSTOP);
+    let in_background = |args: &'static [&'static str]| {
+        let cmd = blkmirror(&res.config, "alpha", args);
+        std::thread::spawn(move || run_bounded(cmd, REACTION_LIMIT))
+    };
+    let disconnect = in_background(&["disconnect"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let status = bounded(&["status", "--json"]);
+    assert!(status.status.success(), "{}", stderr_of(&status));
+    assert!(
+        !disconnect.is_finished(),
+        "`status` waited for `disconnect` (or the peer's goodbye took no wait)"
+    );
+    let down = in_background(&["down"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let connect = bounded(&["connect"]);
+    assert!(
+        stderr_of(&connect).contains("the node is going down"),
+        "a change queued behind `down`: {}",
+        stderr_of(&connect)
+    );
+    let disconnected = disconnect.join().unwrap();
+    assert!(
+        disconnected.status.success(),
+        "{}",
+        stderr_of(&disconnected)
+    );
+    let down = down.join().unwrap();
+    assert!(down.status.success(), "{}", stderr_of(&down));
     let exit = wait_exit(&mut alpha, REACTION_LIMIT);
-    assert!(exit.success(), "SIGTERM exit: {exit}: {}", alpha.log());
+    assert!(exit.success(), "alpha's exit: {exit}: {}", alpha.log());
     assert!(has_flag(&dump_md(&res, "alpha"), "clean_shutdown"));
+    signal(beta.child.id(), libc::SIGCONT);
     res.down("beta", beta);
 }
 

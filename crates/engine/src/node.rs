@@ -2,6 +2,7 @@
 //! shut down cleanly on `down`, SIGTERM or SIGINT.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use blkmirror_nbd::Listener;
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, watch, OwnedMutexGuard};
+use tokio::sync::{watch, Notify};
 
 use crate::control::{self, Request, Response};
 use crate::frontend::{NbdExport, UblkFrontend};
@@ -76,18 +77,17 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     );
     notify_systemd("READY=1");
 
-    let (going_down, mut down_asked) = mpsc::channel(1);
     let control = Arc::new(ControlServer {
         volume: volume.clone(),
         peer: peer.clone(),
         ublk,
-        changes: Arc::new(tokio::sync::Mutex::new(())),
-        going_down,
+        changes: tokio::sync::Mutex::new(()),
+        going_down: AtomicBool::new(false),
+        down_asked: Notify::new(),
     });
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
-    // Held until the process ends: no change runs during the shutdown.
-    let _no_more_changes = loop {
+    loop {
         tokio::select! {
             _ = sigterm.recv() => {
                 tokio::spawn(control.clone().go_down_on_signal("SIGTERM"));
@@ -100,9 +100,9 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
                     tokio::spawn(control.clone().serve(stream));
                 }
             }
-            Some(changes) = down_asked.recv() => break changes,
+            _ = control.down_asked.notified() => break,
         }
-    };
+    }
     notify_systemd("STOPPING=1");
     let _ = stop_nbd.send(true);
     let _ = nbd_task.await;
@@ -184,10 +184,12 @@ struct ControlServer {
     ublk: Option<UblkFrontend>,
     /// Requests that change something run one at a time, in the order they
     /// came (tokio's mutex is fair), as DRBD runs its state changes.
-    changes: Arc<tokio::sync::Mutex<()>>,
-    /// Tells the main loop to take the node down. It carries the lock on
-    /// changes, so that none starts between the decision and the exit.
-    going_down: mpsc::Sender<OwnedMutexGuard<()>>,
+    changes: tokio::sync::Mutex<()>,
+    /// Set, under the lock on changes, once the node is to go down: no
+    /// change runs after that.
+    going_down: AtomicBool,
+    /// Tells the main loop to take the node down.
+    down_asked: Notify,
 }
 
 impl ControlServer {
@@ -214,18 +216,24 @@ impl ControlServer {
         tracing::debug!(?request, "control request");
         let response = match request {
             Request::Status => self.status(),
-            Request::Down => match self.ready_to_go_down().await {
-                Ok(changes) => {
+            Request::Down => match self.may_go_down().await {
+                Ok(()) => {
                     // Answer first: the process may end soon after.
                     let _ = control::write_response(&mut stream, &Response::Ok).await;
-                    let _ = self.going_down.send(changes).await;
+                    self.down_asked.notify_one();
                     return;
                 }
                 Err(e) => to_response(Err(e)),
             },
             change => {
                 let _one_at_a_time = self.changes.lock().await;
-                self.change(change).await
+                if self.going_down.load(Ordering::Relaxed) {
+                    Response::Error {
+                        message: "the node is going down".into(),
+                    }
+                } else {
+                    self.change(change).await
+                }
             }
         };
         let _ = control::write_response(&mut stream, &response).await;
@@ -324,22 +332,27 @@ impl ControlServer {
         }
     }
 
-    /// Takes the lock on changes for good, once the node may go down: not
-    /// while its ublk device is in use (as DRBD refuses to stop a device
-    /// held open).
-    async fn ready_to_go_down(&self) -> Result<OwnedMutexGuard<()>, Error> {
-        let changes = self.changes.clone().lock_owned().await;
+    /// Readies the node to go down once the change in progress is done,
+    /// but not while its ublk device is in use (as DRBD refuses to stop a
+    /// device held open). Asking again is no error. The caller then tells
+    /// the main loop.
+    async fn may_go_down(&self) -> Result<(), Error> {
+        let _one_at_a_time = self.changes.lock().await;
+        if self.going_down.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         self.stop_ublk().await?;
-        Ok(changes)
+        self.going_down.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// A signal asks the node down: it goes once its ublk device is
     /// removed, and stays up while the device is in use.
     async fn go_down_on_signal(self: Arc<Self>, why: &'static str) {
-        match self.ready_to_go_down().await {
-            Ok(changes) => {
+        match self.may_go_down().await {
+            Ok(()) => {
                 tracing::info!("{why}: going down");
-                let _ = self.going_down.send(changes).await;
+                self.down_asked.notify_one();
             }
             Err(e) => tracing::error!(error = %e, "{why}: not going down"),
         }

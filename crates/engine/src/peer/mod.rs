@@ -833,6 +833,12 @@ impl Manager {
                 self.link_handshake(index, stream, session, true).await
             };
             match joined.await {
+                Ok(arrival) if arrival.remote.flags & HELLO_FLAG_DRAINING != 0 => {
+                    tracing::debug!(
+                        link = index,
+                        "the peer opens no session yet; link not joined"
+                    );
+                }
                 Ok(mut arrival) if arrival.remote.volume_uuid == channel.volume_uuid() => {
                     arrival.reader.trust(channel.volume_uuid());
                     channel.attach(index, arrival.reader, arrival.writer);
