@@ -2,6 +2,7 @@
 //! exists only while this node is primary), and the one place engine
 //! errors become their error values.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use blkmirror_io::AlignedBuf;
@@ -125,6 +126,10 @@ pub struct UblkFrontend {
     settings: blkmirror_ublk::Settings,
     volume: Arc<Volume>,
     export: Mutex<Option<blkmirror_ublk::Export>>,
+    /// Whether the device holds its client attachment, set and cleared with
+    /// it: during its start or removal, the export is not yet (or no
+    /// longer) in `export`.
+    attached: AtomicBool,
 }
 
 impl UblkFrontend {
@@ -137,6 +142,7 @@ impl UblkFrontend {
             },
             volume,
             export: Mutex::new(None),
+            attached: AtomicBool::new(false),
         }
     }
 
@@ -147,6 +153,11 @@ impl UblkFrontend {
     /// The device while it is served.
     pub fn serving(&self) -> Option<std::path::PathBuf> {
         self.export.lock().unwrap().as_ref().map(|e| e.path())
+    }
+
+    /// Whether the device counts as one of the volume's attached clients.
+    pub fn holds_attachment(&self) -> bool {
+        self.attached.load(Ordering::Relaxed)
     }
 
     /// Whether a daemon of ours died serving this device and left it for
@@ -162,6 +173,7 @@ impl UblkFrontend {
             return Ok(());
         }
         self.volume.attach()?;
+        self.attached.store(true, Ordering::Relaxed);
         let settings = self.settings;
         let backend = Arc::new(UblkBackend(self.volume.clone()));
         let runtime = tokio::runtime::Handle::current();
@@ -183,7 +195,7 @@ impl UblkFrontend {
                 Ok(())
             }
             Err(e) => {
-                self.volume.detach();
+                self.detach();
                 Err(e.into())
             }
         }
@@ -201,7 +213,7 @@ impl UblkFrontend {
             .expect("ublk removal does not panic");
         match removed {
             Ok(()) => {
-                self.volume.detach();
+                self.detach();
                 tracing::info!(device = %path.display(), "ublk device removed");
             }
             Err((export, e)) => {
@@ -210,5 +222,10 @@ impl UblkFrontend {
             }
         }
         Ok(())
+    }
+
+    fn detach(&self) {
+        self.attached.store(false, Ordering::Relaxed);
+        self.volume.detach();
     }
 }

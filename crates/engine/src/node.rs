@@ -369,8 +369,11 @@ impl ControlServer {
 
     /// NBD connections attached: the volume's clients, less the ublk device.
     fn nbd_clients(&self) -> usize {
-        let held_by_device =
-            usize::from(self.ublk.as_ref().and_then(UblkFrontend::serving).is_some());
+        let held_by_device = usize::from(
+            self.ublk
+                .as_ref()
+                .is_some_and(UblkFrontend::holds_attachment),
+        );
         self.volume
             .attached_clients()
             .saturating_sub(held_by_device)
