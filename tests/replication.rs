@@ -541,10 +541,10 @@ fn operator_disconnect_connect_and_wait_sync() {
         "it stays down until `connect`: {status}"
     );
     assert_eq!(status["out_of_sync_bytes"], 256 << 10);
-    let out = res.cli("alpha", &["wait-sync", "--timeout", "1"]);
+    let refusal = res.fails("alpha", &["wait-sync", "--timeout", "60"]);
     assert!(
-        !out.status.success(),
-        "wait-sync must not claim sync while disconnected"
+        refusal.contains("alpha is StandAlone") && refusal.contains("blkmirror connect"),
+        "wait-sync must say at once that nothing syncs until `connect`: {refusal}"
     );
     res.ok("alpha", &["connect"]);
     let said = res.ok("alpha", &["wait-sync", "--timeout", "60"]);

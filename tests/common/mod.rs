@@ -123,8 +123,7 @@ impl Resource {
             .unwrap()
     }
 
-    /// Like `cli`, but the command must succeed; returns its stdout.
-    /// Runs a command that must fail; returns its error output.
+    /// Like `cli`, but the command must fail; returns its error output.
     pub fn fails(&self, node: &str, args: &[&str]) -> String {
         let out = self.cli(node, args);
         assert!(
@@ -140,6 +139,7 @@ impl Resource {
         self.json(node, &["status", "--json"])
     }
 
+    /// Like `cli`, but the command must succeed; returns its stdout.
     pub fn ok(&self, node: &str, args: &[&str]) -> String {
         let out = self.cli(node, args);
         assert!(

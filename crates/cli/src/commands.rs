@@ -310,6 +310,18 @@ pub async fn wait_sync(target: &Target, timeout_s: Option<u64>) -> anyhow::Resul
             );
             return Ok(());
         }
+        if peer.connection == blkmirror_engine::peer::ConnectionState::StandAlone {
+            // Nothing changes until an operator acts.
+            bail!(
+                "cannot sync: {} is StandAlone, not connecting to {} (`blkmirror connect` \
+                 connects it again){}",
+                status.node,
+                peer.peer_node,
+                peer.last_error
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(error) = peer
             .last_error
             .as_deref()

@@ -207,7 +207,15 @@ impl Peer {
             self.discard_my_data.store(true, Ordering::Relaxed);
         }
         self.parting.store(false, Ordering::Relaxed);
-        self.wanted.send_replace(true);
+        if !self.wanted.send_replace(true) {
+            // Say so at once: a `wait-sync` right after must not find the
+            // node StandAlone.
+            self.set(|s| {
+                if s.connection == ConnectionState::StandAlone {
+                    s.connection = ConnectionState::Connecting;
+                }
+            });
+        }
     }
 
     /// Before a planned disconnection (`disconnect`, `down`): the current
