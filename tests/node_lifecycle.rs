@@ -687,6 +687,22 @@ fn control_requests_do_not_wait_for_one_another() {
     res.down("beta", beta);
 }
 
+/// Only the owner may reach the control socket (it promotes, invalidates
+/// and stops the node), even when the node starts with umask 000.
+#[test]
+fn the_control_socket_is_for_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let res = Resource::new();
+    res.ok("alpha", &["create-md"]);
+    let alpha = res.up_with("alpha", &["sh", "-c", "umask 000; exec \"$@\"", "sh"]);
+    let mode = std::fs::metadata(res.dir.path().join("alpha.ctl"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    res.down("alpha", alpha);
+}
+
 /// A second `up` of a running node is refused, and so is a node pointed at
 /// its peer's disk.
 #[test]

@@ -28,6 +28,7 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     // The control socket first: it is how a second `up` of the same node
     // learns it must not touch the disk at all.
     let (control_listener, _control_file) = bind_unix(&node_config.control).await?;
+    owner_only(&node_config.control)?;
     let volume = Volume::open(
         &config.name,
         node_config,
@@ -433,6 +434,18 @@ async fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), Error> {
     }
     let listener = UnixListener::bind(path).map_err(listen_err)?;
     Ok((listener, SocketFile(path.to_path_buf())))
+}
+
+/// Lets only the socket's owner connect: the control socket promotes,
+/// invalidates and stops the node, whatever the umask says.
+fn owner_only(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        Error::Listen {
+            what: format!("unix:{} (setting its mode to 0600)", path.display()),
+            source,
+        }
+    })
 }
 
 /// Tells systemd (Type=notify) about our state, when run under it.
