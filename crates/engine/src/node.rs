@@ -25,6 +25,10 @@ const CONTROL_REQUEST_WAIT: Duration = Duration::from_secs(5);
 /// Runs `node` of `config` in the foreground until it is told to stop.
 pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let node_config = config.node(node)?;
+    // Caught from the start: one that comes while the node starts takes it
+    // down cleanly once it is up, rather than killing it halfway.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
     // The control socket first: it is how a second `up` of the same node
     // learns it must not touch the disk at all.
     let (control_listener, _control_file) = bind_unix(&node_config.control).await?;
@@ -86,8 +90,6 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
         going_down: AtomicBool::new(false),
         down_asked: Notify::new(),
     });
-    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
     loop {
         tokio::select! {
             _ = sigterm.recv() => {
