@@ -1187,6 +1187,98 @@ fn writes_from_a_peer_that_is_not_primary_are_refused() {
     assert!(res.data_area("beta")[..4096] == [0xee; 4096]);
 }
 
+/// Both nodes promoted at the same moment, round after round: never do
+/// both become primary (at worst both are refused, and say why), and the
+/// session goes on throughout, with no split brain to resolve.
+#[test]
+fn nodes_promoted_at_once_never_both_become_primary() {
+    const ROUNDS: usize = 20;
+    let res = Resource::new();
+    let (alpha, beta) = synced_pair(&res);
+    res.ok("alpha", &["secondary"]);
+    let (mut won, mut both_refused) = ([0; 2], 0);
+    for round in 0..ROUNDS {
+        let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let promotions = ["alpha", "beta"].map(|node| {
+            let mut cmd = Command::new(BIN);
+            cmd.arg("-c").arg(&res.config).args(["-n", node, "primary"]);
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                cmd.output().unwrap()
+            })
+        });
+        let outputs = promotions.map(|p| p.join().unwrap());
+        let promoted = outputs.each_ref().map(|o| o.status.success());
+        assert!(
+            !(promoted[0] && promoted[1]),
+            "round {round}: both nodes became primary"
+        );
+        for (node, output) in ["alpha", "beta"].iter().zip(&outputs) {
+            let said = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                output.status.success() || said.contains("Refusing to promote"),
+                "round {round}: {node} failed otherwise: {said}"
+            );
+        }
+        for node in ["alpha", "beta"] {
+            let s = res.wait_established(node);
+            assert_eq!(s["disk_state"], "UpToDate", "round {round}: {s}");
+        }
+        match promoted.iter().position(|&p| p) {
+            Some(winner) => {
+                won[winner] += 1;
+                let name = ["alpha", "beta"][winner];
+                assert_eq!(res.status(name)["role"], "Primary");
+                res.wait_status(["beta", "alpha"][winner], "the peer's promotion", |s| {
+                    s["peer_role"] == "Primary"
+                });
+                res.ok(name, &["secondary"]);
+            }
+            None => both_refused += 1,
+        }
+    }
+    eprintln!(
+        "{ROUNDS} rounds: alpha won {}, beta won {}, both refused {both_refused}",
+        won[0], won[1]
+    );
+    // One at a time, a promotion goes through as ever.
+    res.ok("beta", &["primary"]);
+    for node in [&alpha, &beta] {
+        assert!(
+            !node.log().contains("connection to the peer lost"),
+            "a session ended: {}",
+            node.log()
+        );
+    }
+    res.assert_identical();
+}
+
+/// A node answers its peer's request to be promoted: yes while it is
+/// secondary, no once it is primary itself; the session goes on either way.
+#[test]
+fn a_promotion_request_is_granted_only_by_a_secondary() {
+    let res = Resource::new();
+    let (_beta, _) = beta_alone(&res);
+    let mut fake = FakeAlpha::connect(&res, |hello| {
+        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
+    });
+    fake.send(1, &blkmirror_proto::Message::PromoteAsk);
+    assert_eq!(fake.answer(1), 0, "a secondary lets its peer be promoted");
+    drop(fake);
+    res.wait_status("beta", "the fake alpha gone", |s| {
+        s["connection"] != "Connected"
+    });
+    res.ok("beta", &["primary"]);
+    let mut fake = FakeAlpha::connect(&res, |hello| {
+        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
+    });
+    fake.send(1, &blkmirror_proto::Message::PromoteAsk);
+    assert_ne!(fake.answer(1), 0, "a primary refuses a second primary");
+    fake.send(2, &blkmirror_proto::Message::Barrier { epoch: 1 });
+    assert_eq!(fake.answer(2), 0, "the session goes on after a refusal");
+}
+
 /// Two nodes promoted at once each saw the other secondary: the `State`
 /// that says the peer became primary too ends the session, before either
 /// takes the other's writes.

@@ -13,7 +13,8 @@ pub const MAGIC: u32 = 0x424d_5250; // "BMRP"
 /// 4: a sync target may report what it changed as `Bitmap` slices.
 /// 5: an `Ack` carries many answers; the unused `BarrierAck` is gone.
 /// 6: `Disconnect` lets a secondary end a session with nothing to resync.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// 7: `PromoteAsk`: a connected node asks its peer before it becomes primary.
+pub const PROTOCOL_VERSION: u16 = 7;
 pub const HEADER_BYTES: usize = 64;
 /// Largest payload a peer may send: one maximal write (32 MiB) plus room for
 /// its own fields. Anything larger is refused before allocation.

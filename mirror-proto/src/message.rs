@@ -54,6 +54,7 @@ pub mod kind {
     pub const READ_REPLY: u16 = 34;
     pub const STATE: u16 = 40;
     pub const DISCONNECT: u16 = 41;
+    pub const PROMOTE_ASK: u16 = 42;
 }
 
 /// Generation identifiers as exchanged on connect (see the metadata crate).
@@ -192,6 +193,10 @@ pub enum Message {
     /// durable on the sender, with a barrier, every write it sent that was
     /// answered, so that ending the session leaves none to resync.
     Disconnect,
+    /// The sender's operator asks to make it primary: the receiver answers
+    /// with an `Ack` whose errno is 0 to let it, anything else to refuse,
+    /// so that of two nodes promoted at once only one becomes primary.
+    PromoteAsk,
 }
 
 /// The set bits of a `Bitmap` slice, as runs `(first, count)` of bit
@@ -257,6 +262,7 @@ impl Message {
             Message::Read { .. } => kind::READ,
             Message::ReadReply { .. } => kind::READ_REPLY,
             Message::Disconnect => kind::DISCONNECT,
+            Message::PromoteAsk => kind::PROMOTE_ASK,
         }
     }
 
@@ -354,7 +360,7 @@ impl Message {
                 w.extend_from_slice(&errno.to_le_bytes());
                 w.extend_from_slice(data);
             }
-            Message::Disconnect => {}
+            Message::Disconnect | Message::PromoteAsk => {}
         }
     }
 
@@ -397,7 +403,8 @@ impl Message {
             | kind::RECEIVED
             | kind::READ
             | kind::STATE
-            | kind::DISCONNECT => Some(CONTROL_PAYLOAD_MAX_BYTES),
+            | kind::DISCONNECT
+            | kind::PROMOTE_ASK => Some(CONTROL_PAYLOAD_MAX_BYTES),
             _ => None,
         }
     }
@@ -539,6 +546,7 @@ impl Message {
                 data: r.rest(),
             },
             kind::DISCONNECT => Message::Disconnect,
+            kind::PROMOTE_ASK => Message::PromoteAsk,
             other => return Err(MessageError::UnknownKind(other)),
         };
         r.finish()?;
@@ -727,6 +735,7 @@ mod tests {
             (any::<u64>(), any::<u32>(), bytes())
                 .prop_map(|(seq, errno, data)| Message::ReadReply { seq, errno, data }),
             Just(Message::Disconnect),
+            Just(Message::PromoteAsk),
         ]
     }
 

@@ -68,6 +68,16 @@ pub enum Error {
     #[error("The connected peer is primary, and so is this node: two primaries are never allowed")]
     TwoPrimaries,
     #[error(
+        "Refusing to promote: the connected peer is primary, becoming it, or asking the same \
+         (two primaries are never allowed); try again once it has settled"
+    )]
+    PeerRefusedPromotion,
+    #[error(
+        "Refusing to promote: the connected peer did not say whether it may be done: {0}; try \
+         again (once the peer is gone, the promotion needs no answer)"
+    )]
+    PromotionUnanswered(String),
+    #[error(
         "The resync to this node was called off (`invalidate`, or a forced promotion) before \
          its end was recorded: the end is not recorded"
     )]

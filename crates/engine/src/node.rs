@@ -160,7 +160,13 @@ async fn resume_ublk(
             let resumed = if peer_status.peer_role == Some(Role::Primary) {
                 Err(Error::PeerIsPrimary(peer_status.peer_node))
             } else {
-                match volume.promote(false).await {
+                let mut promoted = volume.promote(false).await;
+                if matches!(promoted, Err(Error::PromotionUnanswered(_))) {
+                    // The session ended while the peer was asked: now the
+                    // node is alone, or in a new session that asks again.
+                    promoted = volume.promote(false).await;
+                }
+                match promoted {
                     Ok(()) => ublk.start().await,
                     Err(e) => Err(e),
                 }

@@ -74,6 +74,8 @@ const ZERO_PIECE_BYTES: u64 = 8 * activity_log::EXTENT_BYTES;
 
 /// How long a primary going down waits for its peer to confirm the goodbye.
 const GOODBYE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The answer to a `PromoteAsk` that refuses it (EBUSY).
+const PROMOTION_REFUSED: u32 = 16;
 
 /// What `status` reports about the volume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,6 +148,9 @@ struct State {
     /// peer is told Primary from now on, so no `State` sent meanwhile
     /// (ahead of the clients' first write) says otherwise.
     promoting: bool,
+    /// This node asks its peer to let it become primary: meanwhile it lets
+    /// the peer become primary no more than if it were primary already.
+    asking_promotion: bool,
 }
 
 /// The metadata area's descriptor; in test builds, its writes pass the
@@ -196,6 +201,9 @@ pub struct Volume {
     gate: Arc<RangeGate>,
     /// Where writes go to reach the peer, while it receives them.
     link: Mutex<Option<Arc<Channel>>>,
+    /// The session with the peer, from its handshake on (a sync target has
+    /// one long before writes go to the peer): a promotion asks over it.
+    peer_session: Mutex<Option<Arc<Channel>>>,
     /// When a write counts as done: see [`Protocol`].
     protocol: Protocol,
     /// Application writes so far (resync yields while they come).
@@ -214,6 +222,36 @@ impl State {
     /// Primary, or becoming it: what this node tells its peer.
     fn says_primary(&self) -> bool {
         self.role == Role::Primary || self.promoting
+    }
+}
+
+/// Whether a node in `state` may be promoted; the disk state it would
+/// promote. Only `force` promotes data that is not UpToDate, and nothing
+/// promotes beside a connected primary or a failed disk.
+fn may_promote(state: &State, force: bool, connected: bool) -> Result<DiskState, Error> {
+    if state.peer_connected && state.superblock.flags.contains(Flags::PEER_PRIMARY) {
+        return Err(Error::TwoPrimaries);
+    }
+    if state.disk_failed {
+        return Err(Error::DiskFailed);
+    }
+    let disk_state = disk_state(state.superblock.flags, connected);
+    match disk_state {
+        DiskState::UpToDate => {}
+        _ if force => {}
+        DiskState::Consistent => return Err(Error::PeerMayHaveWritten),
+        disk_state => return Err(Error::NotUpToDate { disk_state }),
+    }
+    Ok(disk_state)
+}
+
+/// A promotion's question to the peer, outstanding until this is dropped
+/// (by then the promotion is recorded, and `promoting` says the rest).
+struct AskingPromotion<'a>(&'a Mutex<State>);
+
+impl Drop for AskingPromotion<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().asking_promotion = false;
     }
 }
 
@@ -324,6 +362,7 @@ impl Volume {
                 clients: 0,
                 generation_open: false,
                 promoting: false,
+                asking_promotion: false,
                 disk_failed: false,
                 peer_connected: false,
                 sync_target: false,
@@ -332,6 +371,7 @@ impl Volume {
             tracker,
             gate: Arc::new(RangeGate::default()),
             link: Mutex::new(None),
+            peer_session: Mutex::new(None),
             protocol,
             application_writes: AtomicU64::new(0),
             unlinked_writes: tokio::sync::watch::channel(0).0,
@@ -411,6 +451,11 @@ impl Volume {
     /// takes writes only from a primary, and frames arrive in order.
     pub async fn promote(&self, force: bool) -> Result<(), Error> {
         let _changing = self.role_change.lock().await;
+        let session = self.peer_session.lock().unwrap().clone();
+        let _asking = match &session {
+            Some(session) => Some(self.ask_peer_to_promote(session, force).await?),
+            None => None,
+        };
         let link = self.link.lock().unwrap().clone();
         let connected = link.is_some();
         let Some(disk_state) = self.record_promotion(force, connected)? else {
@@ -430,6 +475,69 @@ impl Volume {
         Ok(())
     }
 
+    /// A connected node asks its peer before it becomes primary, and the
+    /// peer refuses while it is primary, becoming it, or asking the same
+    /// (see `answer_promotion_ask`). So of two nodes promoted at once,
+    /// never both become primary: at worst both are refused. A session that
+    /// ends before the answer refuses the promotion too: promoted again,
+    /// the node goes on without the peer, as any node alone. The returned
+    /// guard stands for the question until the promotion is recorded.
+    async fn ask_peer_to_promote(
+        &self,
+        link: &Channel,
+        force: bool,
+    ) -> Result<AskingPromotion<'_>, Error> {
+        let already_primary = {
+            let mut state = self.state.lock().unwrap();
+            let primary = state.role == Role::Primary;
+            if !primary {
+                // A promotion refused here needs no question.
+                may_promote(&state, force, true)?;
+            }
+            state.asking_promotion = true;
+            primary
+        };
+        let asking = AskingPromotion(&self.state);
+        if already_primary {
+            return Ok(asking);
+        }
+        // A peer that takes no frames for its timeout has lost the session,
+        // as for the role news. The answer has no timeout of its own: it
+        // waits behind the frames sent before (a resync's, on a slow link),
+        // and a peer that answers nothing loses the session as for any frame.
+        let asked = match tokio::time::timeout(link.timeout(), link.enqueue(&Message::PromoteAsk))
+            .await
+        {
+            Ok(asked) => asked,
+            Err(_) => {
+                link.close("the peer took no frames for its timeout; a promotion could not ask it");
+                Err(Lost)
+            }
+        };
+        let answer = match asked {
+            Ok(reply) => reply.written().await,
+            Err(Lost) => Err(Lost),
+        };
+        match answer {
+            Ok(0) => Ok(asking),
+            Ok(_) => Err(Error::PeerRefusedPromotion),
+            Err(Lost) => Err(Error::PromotionUnanswered(format!(
+                "the session ended first ({})",
+                link.wait_closed().await
+            ))),
+        }
+    }
+
+    /// Answers the peer's `PromoteAsk`: 0 lets it become primary.
+    pub fn answer_promotion_ask(&self) -> u32 {
+        let state = self.state.lock().unwrap();
+        if state.says_primary() || state.asking_promotion {
+            PROMOTION_REFUSED
+        } else {
+            0
+        }
+    }
+
     /// Checks and records a promotion on disk; from then on a session that
     /// opens says Primary in its Hello, and every `State` does. Returns the
     /// disk state promoted, or `None` when this node is primary already.
@@ -438,19 +546,7 @@ impl Volume {
         if state.role == Role::Primary {
             return Ok(None);
         }
-        if state.peer_connected && state.superblock.flags.contains(Flags::PEER_PRIMARY) {
-            return Err(Error::TwoPrimaries);
-        }
-        if state.disk_failed {
-            return Err(Error::DiskFailed);
-        }
-        let disk_state = disk_state(state.superblock.flags, connected);
-        match disk_state {
-            DiskState::UpToDate => {}
-            _ if force => {}
-            DiskState::Consistent => return Err(Error::PeerMayHaveWritten),
-            disk_state => return Err(Error::NotUpToDate { disk_state }),
-        }
+        let disk_state = may_promote(&state, force, connected)?;
         self.persist(&mut state, |sb| {
             if disk_state != DiskState::UpToDate {
                 tracing::warn!(
@@ -1188,10 +1284,17 @@ impl Volume {
         *self.link.lock().unwrap() = link;
     }
 
+    /// A session with the peer has passed its handshake: from now on a
+    /// promotion asks the peer first.
+    pub fn session_began(&self, channel: Arc<Channel>) {
+        *self.peer_session.lock().unwrap() = Some(channel);
+    }
+
     /// The session with the peer is over (or never opened): writes no
     /// longer go to it, and its role no longer bars a promotion.
     pub fn end_session(&self) {
         self.set_link(None);
+        *self.peer_session.lock().unwrap() = None;
         self.state.lock().unwrap().peer_connected = false;
     }
 
@@ -1572,6 +1675,68 @@ mod tests {
         }
     }
 
+    /// Promotes `volume` (forced) over `link`, its peer answering the
+    /// promotion request with `errno`; `answers` is the inbox of `link`,
+    /// where the answer arrives.
+    async fn promote_answered(
+        volume: &Volume,
+        (link, answers): (&Channel, &mut Inbox),
+        (peer, inbox): (&Arc<Channel>, &mut Inbox),
+        errno: u32,
+    ) -> Result<(), Error> {
+        let answer = async {
+            let asked = tokio::time::timeout(std::time::Duration::from_secs(10), inbox.next());
+            let (seq, asked) = asked.await.expect("the peer was never asked").unwrap();
+            assert!(
+                matches!(asked, Message::PromoteAsk),
+                "the peer is first asked, not sent a frame of kind {}",
+                asked.kind()
+            );
+            peer.acknowledge(seq, blkmirror_proto::AckKind::Written, errno)
+                .await;
+            let (_, answered) = answers.next().await.unwrap();
+            let Message::Ack { entries } = answered else {
+                panic!("a frame of kind {} instead of the answer", answered.kind());
+            };
+            link.answer(&entries);
+        };
+        let (promoted, ()) = tokio::join!(volume.promote(true), answer);
+        promoted
+    }
+
+    async fn promote_granted(
+        volume: &Volume,
+        link: (&Channel, &mut Inbox),
+        peer: (&Arc<Channel>, &mut Inbox),
+    ) {
+        promote_answered(volume, link, peer, 0).await.unwrap();
+    }
+
+    /// A node with a session but no link for writes yet (a sync target
+    /// until its resync ends) asks its peer before a promotion too, and
+    /// the peer's refusal stands, `--force` or not.
+    #[tokio::test]
+    async fn a_sync_target_asks_its_peer_before_a_promotion_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
+        volume.session_began(link.clone());
+        let refused = promote_answered(
+            &volume,
+            (&link, &mut answers),
+            (&peer, &mut inbox),
+            PROMOTION_REFUSED,
+        )
+        .await;
+        assert!(
+            matches!(refused, Err(Error::PeerRefusedPromotion)),
+            "{refused:?}"
+        );
+        assert_eq!(volume.role(), Role::Secondary);
+        assert!(!volume.state.lock().unwrap().asking_promotion);
+        assert_eq!(volume.answer_promotion_ask(), 0, "no longer asking");
+    }
+
     /// Writes a block in the background, and checks that the peer first
     /// hears this node is primary, then gets the write.
     async fn expect_primary_before_the_write(volume: &Arc<Volume>, peer: &mut Inbox) {
@@ -1603,27 +1768,37 @@ mod tests {
     async fn a_promotion_reaches_the_peer_before_the_first_write() {
         let dir = tempfile::tempdir().unwrap();
         let volume = fresh_volume(dir.path()).await;
-        let ((link, _), (_, mut peer)) = peer::channel_pair(1).await;
-        volume.set_link(Some(link));
-        volume.promote(true).await.unwrap();
-        expect_primary_before_the_write(&volume, &mut peer).await;
+        let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
+        volume.session_began(link.clone());
+        volume.set_link(Some(link.clone()));
+        promote_granted(&volume, (&link, &mut answers), (&peer, &mut inbox)).await;
+        expect_primary_before_the_write(&volume, &mut inbox).await;
     }
 
-    /// A peer that takes no frames cannot hold a promotion: once its
-    /// timeout has passed with the window full, the session ends and the
-    /// node is primary.
+    /// A peer that takes no frames cannot hold a promotion: it loses the
+    /// session once its timeout has passed, and the promotion is refused;
+    /// asked again, the node goes on alone.
     #[tokio::test]
     async fn a_peer_that_takes_no_frames_does_not_hold_a_promotion() {
         let dir = tempfile::tempdir().unwrap();
         let volume = fresh_volume(dir.path()).await;
         let ((link, _), (_, _peer_never_reads)) = peer::channel_pair(1).await;
         fill_window(&link).await;
+        volume.session_began(link.clone());
         volume.set_link(Some(link.clone()));
-        tokio::time::timeout(std::time::Duration::from_secs(20), volume.promote(true))
-            .await
-            .expect("the promotion was held by the peer")
-            .unwrap();
+        let refused =
+            tokio::time::timeout(std::time::Duration::from_secs(20), volume.promote(true))
+                .await
+                .expect("the promotion was held by the peer");
+        assert!(
+            matches!(refused, Err(Error::PromotionUnanswered(_))),
+            "{refused:?}"
+        );
         assert!(link.is_closed());
+        assert_eq!(volume.role(), Role::Secondary);
+        // What the peer manager does once the session is over.
+        volume.end_session();
+        volume.promote(true).await.unwrap();
         assert_eq!(volume.role(), Role::Primary);
     }
 
@@ -1678,9 +1853,11 @@ mod tests {
     async fn a_write_unanswered_at_shutdown_is_in_the_bitmap_written_out() {
         let dir = tempfile::tempdir().unwrap();
         let volume = fresh_volume_with(dir.path(), Protocol::A).await;
-        let ((link, _), (_, _peer_never_answers)) = peer::channel_pair(1).await;
-        volume.set_link(Some(link));
-        volume.promote(true).await.unwrap();
+        let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
+        volume.session_began(link.clone());
+        volume.set_link(Some(link.clone()));
+        promote_granted(&volume, (&link, &mut answers), (&peer, &mut inbox)).await;
+        // From here on the peer answers nothing.
         volume
             .write(8192, AlignedBuf::from_slice(&[7; 4096]), false)
             .await

@@ -764,6 +764,7 @@ impl Manager {
             "connected"
         );
         let (channel, inbox) = Channel::new(volume_uuid, self.timeout);
+        self.volume.session_began(channel.clone());
         let _close = CloseOnDrop(channel.clone());
         first.reader.trust(volume_uuid);
         channel.attach(first.index, first.reader, first.writer);
@@ -1304,6 +1305,17 @@ impl Manager {
                 }
                 // Told once is enough.
                 Message::Disconnect => {}
+                Message::PromoteAsk => {
+                    let answer = self.volume.answer_promotion_ask();
+                    if answer != 0 {
+                        tracing::warn!(
+                            peer = self.peer_name,
+                            "refused the peer's promotion: this node is primary, becoming it, \
+                             or asking the same"
+                        );
+                    }
+                    link.acknowledge(seq, AckKind::Written, answer).await;
+                }
                 Message::ResyncDone { current } => {
                     resyncing.expect_target("ResyncDone")?;
                     if current == 0 {
