@@ -451,7 +451,10 @@ impl Volume {
     /// takes writes only from a primary, and frames arrive in order.
     pub async fn promote(&self, force: bool) -> Result<(), Error> {
         let _changing = self.role_change.lock().await;
+        // A session that has ended (its manager may not have seen it yet)
+        // has no one to ask.
         let session = self.peer_session.lock().unwrap().clone();
+        let session = session.filter(|session| !session.is_closed());
         let _asking = match &session {
             Some(session) => Some(self.ask_peer_to_promote(session, force).await?),
             None => None,
@@ -1796,9 +1799,11 @@ mod tests {
         );
         assert!(link.is_closed());
         assert_eq!(volume.role(), Role::Secondary);
-        // What the peer manager does once the session is over.
-        volume.end_session();
-        volume.promote(true).await.unwrap();
+        // At once, before the peer manager has ended the session.
+        tokio::time::timeout(std::time::Duration::from_secs(1), volume.promote(true))
+            .await
+            .expect("the promotion asked a session that had ended")
+            .unwrap();
         assert_eq!(volume.role(), Role::Primary);
     }
 
