@@ -204,24 +204,22 @@ struct ControlServer {
 impl ControlServer {
     async fn serve(self: Arc<Self>, stream: UnixStream) {
         let mut stream = BufReader::new(stream);
-        let request =
-            match tokio::time::timeout(CONTROL_REQUEST_WAIT, control::read_request(&mut stream))
-                .await
-            {
-                Ok(Ok(request)) => request,
-                Ok(Err(message)) => {
-                    let _ =
-                        control::write_response(&mut stream, &Response::Error { message }).await;
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("a control client sent no request in time");
-                    let message = format!("no request within {} s", CONTROL_REQUEST_WAIT.as_secs());
-                    let _ =
-                        control::write_response(&mut stream, &Response::Error { message }).await;
-                    return;
-                }
-            };
+        let read = tokio::time::timeout(CONTROL_REQUEST_WAIT, control::read_request(&mut stream))
+            .await
+            .unwrap_or_else(|_| {
+                tracing::debug!("a control client sent no request in time");
+                Err(format!(
+                    "no request within {} s",
+                    CONTROL_REQUEST_WAIT.as_secs()
+                ))
+            });
+        let request = match read {
+            Ok(request) => request,
+            Err(message) => {
+                let _ = control::write_response(&mut stream, &Response::Error { message }).await;
+                return;
+            }
+        };
         tracing::debug!(?request, "control request");
         let response = match request {
             Request::Status => self.status(),

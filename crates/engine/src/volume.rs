@@ -456,7 +456,7 @@ impl Volume {
         let session = self.peer_session.lock().unwrap().clone();
         let session = session.filter(|session| !session.is_closed());
         let _asking = match &session {
-            Some(session) => Some(self.ask_peer_to_promote(session, force).await?),
+            Some(session) => self.ask_peer_to_promote(session, force).await?,
             None => None,
         };
         let link = self.link.lock().unwrap().clone();
@@ -484,45 +484,39 @@ impl Volume {
     /// never both become primary: at worst both are refused. A session that
     /// ends before the answer refuses the promotion too: promoted again,
     /// the node goes on without the peer, as any node alone. The returned
-    /// guard stands for the question until the promotion is recorded.
+    /// guard stands for the question until the promotion is recorded; a
+    /// node primary already asks nothing.
     async fn ask_peer_to_promote(
         &self,
         link: &Channel,
         force: bool,
-    ) -> Result<AskingPromotion<'_>, Error> {
-        let already_primary = {
+    ) -> Result<Option<AskingPromotion<'_>>, Error> {
+        {
             let mut state = self.state.lock().unwrap();
-            let primary = state.role == Role::Primary;
-            if !primary {
-                // A promotion refused here needs no question.
-                may_promote(&state, force, true)?;
+            if state.role == Role::Primary {
+                return Ok(None);
             }
+            // A promotion refused here needs no question.
+            may_promote(&state, force, true)?;
             state.asking_promotion = true;
-            primary
-        };
-        let asking = AskingPromotion(&self.state);
-        if already_primary {
-            return Ok(asking);
         }
+        let asking = AskingPromotion(&self.state);
         // A peer that takes no frames for its timeout has lost the session,
         // as for the role news. The answer has no timeout of its own: it
         // waits behind the frames sent before (a resync's, on a slow link),
         // and a peer that answers nothing loses the session as for any frame.
-        let asked = match tokio::time::timeout(link.timeout(), link.enqueue(&Message::PromoteAsk))
+        let answer = match tokio::time::timeout(link.timeout(), link.enqueue(&Message::PromoteAsk))
             .await
         {
-            Ok(asked) => asked,
+            Ok(Ok(reply)) => reply.written().await,
+            Ok(Err(Lost)) => Err(Lost),
             Err(_) => {
                 link.close("the peer took no frames for its timeout; a promotion could not ask it");
                 Err(Lost)
             }
         };
-        let answer = match asked {
-            Ok(reply) => reply.written().await,
-            Err(Lost) => Err(Lost),
-        };
         match answer {
-            Ok(0) => Ok(asking),
+            Ok(0) => Ok(Some(asking)),
             Ok(_) => Err(Error::PeerRefusedPromotion),
             Err(Lost) => Err(Error::PromotionUnanswered(format!(
                 "the session ended first ({})",
