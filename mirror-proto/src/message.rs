@@ -195,7 +195,8 @@ pub enum Message {
     Disconnect,
     /// The sender's operator asks to make it primary: the receiver answers
     /// with an `Ack` whose errno is 0 to let it, anything else to refuse,
-    /// so that of two nodes promoted at once only one becomes primary.
+    /// so that of two nodes promoted at once only one becomes primary
+    /// (EAGAIN: the receiver asks the same, and the sender is to ask again).
     PromoteAsk,
 }
 

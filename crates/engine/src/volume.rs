@@ -76,6 +76,13 @@ const ZERO_PIECE_BYTES: u64 = 8 * activity_log::EXTENT_BYTES;
 const GOODBYE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The answer to a `PromoteAsk` that refuses it (EBUSY).
 const PROMOTION_REFUSED: u32 = 16;
+/// The answer to a `PromoteAsk` that met the answering node's own question
+/// and takes second place (EAGAIN): the asker is to ask again shortly,
+/// once the answering node has had its own refusal.
+const PROMOTION_COLLIDED: u32 = 11;
+/// How often a node whose question met its peer's asks again; the pauses
+/// between grow from 1 ms to 100 ms, about a quarter of a second in all.
+const PROMOTION_ASKS_AFTER_COLLISION: u32 = 8;
 
 /// What `status` reports about the volume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -481,11 +488,13 @@ impl Volume {
     /// A connected node asks its peer before it becomes primary, and the
     /// peer refuses while it is primary, becoming it, or asking the same
     /// (see `answer_promotion_ask`). So of two nodes promoted at once,
-    /// never both become primary: at worst both are refused. A session that
-    /// ends before the answer refuses the promotion too: promoted again,
-    /// the node goes on without the peer, as any node alone. The returned
-    /// guard stands for the question until the promotion is recorded; a
-    /// node primary already asks nothing.
+    /// never both become primary. When the two questions meet, the node
+    /// whose name sorts first asks again, still asking meanwhile, until the
+    /// other has had its refusal: one of the two is promoted. A session
+    /// that ends before the answer refuses the promotion too: promoted
+    /// again, the node goes on without the peer, as any node alone. The
+    /// returned guard stands for the question until the promotion is
+    /// recorded; a node primary already asks nothing.
     async fn ask_peer_to_promote(
         &self,
         link: &Channel,
@@ -501,35 +510,59 @@ impl Volume {
             state.asking_promotion = true;
         }
         let asking = AskingPromotion(&self.state);
+        let mut collisions = 0;
+        loop {
+            match Self::ask_peer_once(link).await {
+                Ok(0) => return Ok(Some(asking)),
+                Ok(PROMOTION_COLLIDED) if collisions < PROMOTION_ASKS_AFTER_COLLISION => {
+                    tracing::info!(
+                        "the peer asked to be promoted at the same moment; this node's name \
+                         sorts first, so it asks again"
+                    );
+                    let pause = std::time::Duration::from_millis(1 << collisions);
+                    tokio::time::sleep(pause.min(std::time::Duration::from_millis(100))).await;
+                    collisions += 1;
+                }
+                Ok(_) => return Err(Error::PeerRefusedPromotion),
+                Err(Lost) => {
+                    return Err(Error::PromotionUnanswered(format!(
+                        "the session ended first ({})",
+                        link.wait_closed().await
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Sends one `PromoteAsk` on `link`; the peer's answer.
+    async fn ask_peer_once(link: &Channel) -> Result<u32, Lost> {
         // A peer that takes no frames for its timeout has lost the session,
         // as for the role news. The answer has no timeout of its own: it
         // waits behind the frames sent before (a resync's, on a slow link),
         // and a peer that answers nothing loses the session as for any frame.
-        let answer = match tokio::time::timeout(link.timeout(), link.enqueue(&Message::PromoteAsk))
-            .await
-        {
+        match tokio::time::timeout(link.timeout(), link.enqueue(&Message::PromoteAsk)).await {
             Ok(Ok(reply)) => reply.written().await,
             Ok(Err(Lost)) => Err(Lost),
             Err(_) => {
                 link.close("the peer took no frames for its timeout; a promotion could not ask it");
                 Err(Lost)
             }
-        };
-        match answer {
-            Ok(0) => Ok(Some(asking)),
-            Ok(_) => Err(Error::PeerRefusedPromotion),
-            Err(Lost) => Err(Error::PromotionUnanswered(format!(
-                "the session ended first ({})",
-                link.wait_closed().await
-            ))),
         }
     }
 
-    /// Answers the peer's `PromoteAsk`: 0 lets it become primary.
-    pub fn answer_promotion_ask(&self) -> u32 {
+    /// Answers the `PromoteAsk` of the peer named `peer`: 0 lets it become
+    /// primary. A node asking the same never lets it (both could be
+    /// promoted), but tells a peer whose name sorts first to ask again.
+    pub fn answer_promotion_ask(&self, peer: &str) -> u32 {
         let state = self.state.lock().unwrap();
-        if state.says_primary() || state.asking_promotion {
+        if state.says_primary() {
             PROMOTION_REFUSED
+        } else if state.asking_promotion {
+            if peer < self.node.as_str() {
+                PROMOTION_COLLIDED
+            } else {
+                PROMOTION_REFUSED
+            }
         } else {
             0
         }
@@ -1672,30 +1705,32 @@ mod tests {
         }
     }
 
-    /// Promotes `volume` (forced) over `link`, its peer answering the
-    /// promotion request with `errno`; `answers` is the inbox of `link`,
-    /// where the answer arrives.
+    /// Promotes `volume` (forced) over `link`, its peer answering each
+    /// promotion request with the next of `errnos`; `answers` is the inbox
+    /// of `link`, where the answers arrive.
     async fn promote_answered(
         volume: &Volume,
         (link, answers): (&Channel, &mut Inbox),
         (peer, inbox): (&Arc<Channel>, &mut Inbox),
-        errno: u32,
+        errnos: &[u32],
     ) -> Result<(), Error> {
         let answer = async {
-            let asked = tokio::time::timeout(std::time::Duration::from_secs(10), inbox.next());
-            let (seq, asked) = asked.await.expect("the peer was never asked").unwrap();
-            assert!(
-                matches!(asked, Message::PromoteAsk),
-                "the peer is first asked, not sent a frame of kind {}",
-                asked.kind()
-            );
-            peer.acknowledge(seq, blkmirror_proto::AckKind::Written, errno)
-                .await;
-            let (_, answered) = answers.next().await.unwrap();
-            let Message::Ack { entries } = answered else {
-                panic!("a frame of kind {} instead of the answer", answered.kind());
-            };
-            link.answer(&entries);
+            for &errno in errnos {
+                let asked = tokio::time::timeout(std::time::Duration::from_secs(10), inbox.next());
+                let (seq, asked) = asked.await.expect("the peer was never asked").unwrap();
+                assert!(
+                    matches!(asked, Message::PromoteAsk),
+                    "the peer is first asked, not sent a frame of kind {}",
+                    asked.kind()
+                );
+                peer.acknowledge(seq, blkmirror_proto::AckKind::Written, errno)
+                    .await;
+                let (_, answered) = answers.next().await.unwrap();
+                let Message::Ack { entries } = answered else {
+                    panic!("a frame of kind {} instead of the answer", answered.kind());
+                };
+                link.answer(&entries);
+            }
         };
         let (promoted, ()) = tokio::join!(volume.promote(true), answer);
         promoted
@@ -1706,7 +1741,7 @@ mod tests {
         link: (&Channel, &mut Inbox),
         peer: (&Arc<Channel>, &mut Inbox),
     ) {
-        promote_answered(volume, link, peer, 0).await.unwrap();
+        promote_answered(volume, link, peer, &[0]).await.unwrap();
     }
 
     /// A node with a session but no link for writes yet (a sync target
@@ -1722,7 +1757,7 @@ mod tests {
             &volume,
             (&link, &mut answers),
             (&peer, &mut inbox),
-            PROMOTION_REFUSED,
+            &[PROMOTION_REFUSED],
         )
         .await;
         assert!(
@@ -1731,7 +1766,63 @@ mod tests {
         );
         assert_eq!(volume.role(), Role::Secondary);
         assert!(!volume.state.lock().unwrap().asking_promotion);
-        assert_eq!(volume.answer_promotion_ask(), 0, "no longer asking");
+        assert_eq!(volume.answer_promotion_ask("beta"), 0, "no longer asking");
+    }
+
+    /// A node asking to be promoted refuses its peer the same; it tells a
+    /// peer whose name sorts first to ask again, and asks again itself when
+    /// told so, refusing its peer meanwhile.
+    #[tokio::test]
+    async fn of_two_questions_that_meet_the_first_name_asks_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        volume.state.lock().unwrap().asking_promotion = true;
+        assert_eq!(volume.answer_promotion_ask("beta"), PROMOTION_REFUSED);
+        assert_eq!(volume.answer_promotion_ask("aaron"), PROMOTION_COLLIDED);
+        volume.state.lock().unwrap().asking_promotion = false;
+        assert_eq!(volume.answer_promotion_ask("beta"), 0);
+
+        let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
+        volume.session_began(link.clone());
+        let promoting = promote_answered(
+            &volume,
+            (&link, &mut answers),
+            (&peer, &mut inbox),
+            &[PROMOTION_COLLIDED, PROMOTION_COLLIDED, 0],
+        );
+        let refusing_meanwhile = async {
+            while !volume.state.lock().unwrap().asking_promotion {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(volume.answer_promotion_ask("beta"), PROMOTION_REFUSED);
+        };
+        let (promoted, ()) = tokio::join!(promoting, refusing_meanwhile);
+        promoted.unwrap();
+        assert_eq!(volume.role(), Role::Primary);
+        assert_eq!(volume.answer_promotion_ask("aaron"), PROMOTION_REFUSED);
+    }
+
+    /// Asked again too often, a node gives up: its peer keeps asking too.
+    #[tokio::test]
+    async fn a_node_asks_again_only_so_often() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
+        volume.session_began(link.clone());
+        let collided = [PROMOTION_COLLIDED; PROMOTION_ASKS_AFTER_COLLISION as usize + 1];
+        let refused = promote_answered(
+            &volume,
+            (&link, &mut answers),
+            (&peer, &mut inbox),
+            &collided,
+        )
+        .await;
+        assert!(
+            matches!(refused, Err(Error::PeerRefusedPromotion)),
+            "{refused:?}"
+        );
+        assert_eq!(volume.role(), Role::Secondary);
+        assert_eq!(volume.answer_promotion_ask("beta"), 0, "no longer asking");
     }
 
     /// Writes a block in the background, and checks that the peer first

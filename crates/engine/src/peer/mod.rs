@@ -1306,7 +1306,7 @@ impl Manager {
                 // Told once is enough.
                 Message::Disconnect => {}
                 Message::PromoteAsk => {
-                    let answer = self.volume.answer_promotion_ask();
+                    let answer = self.volume.answer_promotion_ask(&self.peer_name);
                     if answer != 0 {
                         tracing::warn!(
                             peer = self.peer_name,
