@@ -1329,10 +1329,13 @@ impl Volume {
     }
 
     /// Starts a new data generation before the first write the peer will not
-    /// get, so that on reconnect the generations say who is newer.
+    /// get, so that on reconnect the generations say who is newer. Also on
+    /// a node demoted since: the writes it marks were written as primary,
+    /// and are acknowledged already under protocols A and B.
     fn open_generation(&self) -> Result<(), Error> {
         let mut state = self.state.lock().unwrap();
-        if state.role != Role::Primary {
+        // Without a disk this node has no copy to resync them from.
+        if state.disk_failed {
             return Ok(());
         }
         self.start_generation(&mut state)
@@ -1974,6 +1977,38 @@ mod tests {
             reopened.tracker.any_out_of_sync(8192, 4096),
             "the unanswered write is not marked on disk"
         );
+    }
+
+    /// A primary that steps down with a write its peer never answered
+    /// still starts a new generation as it marks the write: the write was
+    /// acknowledged (protocol A), and on reconnection the generations, not
+    /// the node names, must make this node the source.
+    #[tokio::test]
+    async fn a_write_unanswered_after_a_goodbye_starts_a_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume_with(dir.path(), Protocol::A).await;
+        let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
+        volume.session_began(link.clone());
+        volume.set_link(Some(link.clone()));
+        promote_granted(&volume, (&link, &mut answers), (&peer, &mut inbox)).await;
+        let parted_at = volume.state.lock().unwrap().superblock.generations;
+        // From here on the peer answers nothing.
+        volume
+            .write(8192, AlignedBuf::from_slice(&[7; 4096]), false)
+            .await
+            .unwrap();
+        assert!(volume.say_goodbye().await, "the peer was told");
+        assert_eq!(volume.role(), Role::Secondary);
+        assert!(volume.shutdown().await.unwrap(), "a clean shutdown");
+        drop(volume);
+        let reopened = reopen(dir.path()).await;
+        assert!(reopened.tracker.any_out_of_sync(8192, 4096));
+        let generations = reopened.state.lock().unwrap().superblock.generations;
+        assert_eq!(
+            generations.bitmap, parted_at.current,
+            "no new generation started for the marked write: {generations:?}"
+        );
+        assert_ne!(generations.current, parted_at.current);
     }
 
     /// Opens the disk of `fresh_volume` again, once the tasks that held the
