@@ -21,6 +21,9 @@ use crate::Error;
 
 /// How long a control client may take to send its request.
 const CONTROL_REQUEST_WAIT: Duration = Duration::from_secs(5);
+/// How long a node going down waits for the requests its NBD clients sent
+/// before; past it, the shutdown is recorded as a crash.
+const CLIENTS_DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs `node` of `config` in the foreground until it is told to stop.
 pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
@@ -109,6 +112,10 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     notify_systemd("STOPPING=1");
     let _ = stop_nbd.send(true);
     let _ = nbd_task.await;
+    // Requests the clients sent before are still carried out.
+    if !volume.clients_gone(CLIENTS_DRAIN_WAIT).await {
+        tracing::warn!("NBD requests still under way after {CLIENTS_DRAIN_WAIT:?}");
+    }
     peer.part();
     let said_goodbye = volume.say_goodbye().await;
     let settled = volume.prepare_disconnect().await;

@@ -34,6 +34,10 @@ pub struct ChangeTracker {
     /// Held across the log write, so a second write to a newly added extent
     /// waits until the transaction naming it is durable.
     transactions: tokio::sync::Mutex<()>,
+    /// Held from taking the changed bitmap pages to their flush: a flush
+    /// that finds them taken waits until they are durable, and two copies
+    /// of one page never reach the disk out of order.
+    page_writes: tokio::sync::Mutex<()>,
     recovered: Recovered,
 }
 
@@ -108,6 +112,7 @@ impl ChangeTracker {
                 write_ended: tokio::sync::Notify::new(),
             }),
             transactions: tokio::sync::Mutex::new(()),
+            page_writes: tokio::sync::Mutex::new(()),
             recovered,
         })
     }
@@ -195,6 +200,7 @@ impl ChangeTracker {
 
     /// Writes every changed bitmap page and makes them durable.
     pub async fn flush(&self, store: &Store) -> Result<(), Error> {
+        let _writing = self.page_writes.lock().await;
         if self.write_pages(store).await? {
             store.flush().await?;
         }
@@ -204,11 +210,13 @@ impl ChangeTracker {
     /// Writes every changed bitmap page and flushes the disk even if none
     /// changed, so that the data written before is durable too.
     async fn flush_with_data(&self, store: &Store) -> Result<(), Error> {
+        let _writing = self.page_writes.lock().await;
         self.write_pages(store).await?;
         Ok(store.flush().await?)
     }
 
-    /// Writes every changed bitmap page; true if there were any.
+    /// Writes every changed bitmap page; true if there were any. The
+    /// caller holds `page_writes` until they are flushed.
     async fn write_pages(&self, store: &Store) -> Result<bool, Error> {
         let pages = self.bitmap.lock().unwrap().take_unflushed(&self.layout);
         let any = !pages.is_empty();

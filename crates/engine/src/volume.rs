@@ -706,6 +706,15 @@ impl Volume {
         self.store.flush().await?;
         let mut state = self.state.lock().unwrap();
         state.role = Role::Secondary;
+        if state.clients > 0 {
+            // Their writes may still land, unmarked, after the flush above:
+            // the activity log still names them.
+            tracing::warn!(
+                clients = state.clients,
+                "clients still have requests under way; the shutdown is recorded as a crash"
+            );
+            return Ok(false);
+        }
         if !all_marked {
             // Left as a crash leaves it: the unmarked writes are still in
             // the activity log, which the next start reads.
@@ -760,6 +769,20 @@ impl Volume {
     /// device while it is served).
     pub fn attached_clients(&self) -> usize {
         self.state.lock().unwrap().clients
+    }
+
+    /// Waits, for `wait` at most, until no client is attached (an NBD
+    /// client stays attached until its last request is done); whether none
+    /// is.
+    pub async fn clients_gone(&self, wait: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.attached_clients() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        true
     }
 
     pub fn detach(&self) {
@@ -1977,6 +2000,31 @@ mod tests {
             reopened.tracker.any_out_of_sync(8192, 4096),
             "the unanswered write is not marked on disk"
         );
+    }
+
+    /// A client with requests under way at shutdown (its connection
+    /// stopped, its writes not) leaves the disk as a crash would.
+    #[tokio::test]
+    async fn a_shutdown_with_a_client_attached_is_recorded_as_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        volume.promote(true).await.unwrap();
+        volume.attach().unwrap();
+        let waited = std::time::Duration::from_millis(50);
+        assert!(!volume.clients_gone(waited).await);
+        assert!(!volume.shutdown().await.unwrap(), "recorded as a crash");
+        volume.detach();
+        assert!(volume.clients_gone(waited).await);
+        drop(volume);
+        let flags = reopen(dir.path())
+            .await
+            .state
+            .lock()
+            .unwrap()
+            .superblock
+            .flags;
+        assert!(!flags.contains(Flags::CLEAN_SHUTDOWN), "{flags:?}");
+        assert!(flags.contains(Flags::PRIMARY), "{flags:?}");
     }
 
     /// A primary that steps down with a write its peer never answered

@@ -104,10 +104,10 @@ where
     )
     .await
     .map_err(|_| ConnectionError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
-    let Some((structured, _attachment)) = negotiated else {
+    let Some((structured, attachment)) = negotiated else {
         return Ok(()); // the client aborted or asked for nothing more
     };
-    transmission(reader, writer, backend.clone(), structured).await
+    transmission(reader, writer, attachment, structured).await
 }
 
 /// A client admitted by [`Backend::attach`]; detaches when dropped.
@@ -354,7 +354,7 @@ enum Reply<Buf> {
 async fn transmission<R, W, B>(
     reader: R,
     writer: BufWriter<W>,
-    backend: Arc<B>,
+    attachment: Attachment<B>,
     structured: bool,
 ) -> Result<(), ConnectionError>
 where
@@ -362,8 +362,9 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
     B: Backend,
 {
+    let backend = attachment.0.clone();
     let (tx, rx) = mpsc::channel::<Parsed<B::Buf>>(REQUEST_QUEUE_MAX);
-    let executor = tokio::spawn(execute_and_reply(writer, rx, backend.clone(), structured));
+    let executor = tokio::spawn(execute_and_reply(writer, rx, attachment, structured));
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let memory = Arc::new(Semaphore::new(BUDGET_UNITS_PER_CONNECTION));
     let outcome = loop {
@@ -437,10 +438,15 @@ fn budget_units(header: &RequestHeader) -> u32 {
 /// the writer as soon as its request completes, in whatever order that is.
 /// Writing happens in its own task so a slow client socket never delays
 /// starting the next requests.
+///
+/// It holds the client's attachment: the client counts as attached until
+/// its last request is done, even when the server stops and aborts the
+/// connection's reading task, so the volume is not demoted or shut down
+/// under its writes.
 async fn execute_and_reply<W, B>(
     writer: BufWriter<W>,
     mut requests: mpsc::Receiver<Parsed<B::Buf>>,
-    backend: Arc<B>,
+    attachment: Attachment<B>,
     structured: bool,
 ) -> std::io::Result<()>
 where
@@ -449,8 +455,8 @@ where
 {
     let (replies, replies_rx) = mpsc::channel(IN_FLIGHT_PER_CONNECTION_MAX);
     let writer_task = tokio::spawn(write_replies(writer, replies_rx, structured));
-    let size = backend.size();
-    let backend = &*backend;
+    let size = attachment.0.size();
+    let backend = &*attachment.0;
     let mut in_flight = FuturesUnordered::new();
     let mut accepting = true;
     let mut client_gone = false;

@@ -1,6 +1,7 @@
 //! The server against an in-memory backend, driven by our client and by raw
 //! bytes over an in-process pipe.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,6 +13,10 @@ use crate::{Client, ClientError};
 struct MemDisk {
     data: Mutex<Vec<u8>>,
     refuse: Option<String>,
+    attached: AtomicUsize,
+    /// A write waits for a permit here before it lands.
+    writes_let_through: tokio::sync::Semaphore,
+    writes_begun: AtomicUsize,
 }
 
 impl Backend for MemDisk {
@@ -29,9 +34,13 @@ impl Backend for MemDisk {
         self.refuse.clone()
     }
     fn attach(&self) -> Result<(), String> {
-        self.refusal().map_or(Ok(()), Err)
+        self.refusal().map_or(Ok(()), Err)?;
+        self.attached.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
-    fn detach(&self) {}
+    fn detach(&self) {
+        self.attached.fetch_sub(1, Ordering::SeqCst);
+    }
     fn alloc(&self, len: usize) -> Vec<u8> {
         vec![0; len]
     }
@@ -40,6 +49,8 @@ impl Backend for MemDisk {
         Ok(d[offset as usize..offset as usize + len as usize].to_vec())
     }
     async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> Result<(), BackendError> {
+        self.writes_begun.fetch_add(1, Ordering::SeqCst);
+        drop(self.writes_let_through.acquire().await.unwrap());
         self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
             .copy_from_slice(&data);
         Ok(())
@@ -63,7 +74,52 @@ fn disk(refuse: Option<&str>) -> Arc<MemDisk> {
     Arc::new(MemDisk {
         data: Mutex::new(vec![0; 1 << 20]),
         refuse: refuse.map(str::to_string),
+        attached: AtomicUsize::new(0),
+        writes_let_through: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
+        writes_begun: AtomicUsize::new(0),
     })
+}
+
+/// Waits (a bounded while) until `done` holds.
+async fn wait_until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{what} never came");
+}
+
+/// A server that stops aborts its connections' tasks: a write already
+/// read still lands, and its client counts as attached until it has, so
+/// the volume behind is not demoted or shut down under it.
+#[tokio::test]
+async fn an_aborted_connection_stays_attached_until_its_writes_land() {
+    let backend = disk(None);
+    backend.writes_let_through.forget_permits(usize::MAX);
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let connection = tokio::spawn(serve_connection(b, backend.clone()));
+    let mut client = Client::handshake(Box::new(a), "r0").await.unwrap();
+    assert_eq!(backend.attached.load(Ordering::SeqCst), 1);
+    let _writing = tokio::spawn(async move { client.write(4096, &[9; 512], false).await });
+    wait_until("the write", || {
+        backend.writes_begun.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    connection.abort();
+    assert!(connection.await.unwrap_err().is_cancelled());
+    assert_eq!(
+        backend.attached.load(Ordering::SeqCst),
+        1,
+        "detached with a write under way"
+    );
+    backend.writes_let_through.add_permits(1);
+    wait_until("the detachment", || {
+        backend.attached.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert_eq!(backend.data.lock().unwrap()[4096..4608], [9; 512]);
 }
 
 async fn connect(backend: Arc<MemDisk>, export: &str) -> Result<Client, ClientError> {
