@@ -1503,6 +1503,11 @@ impl Volume {
     }
 
     /// Reads a range for resync while holding it against overlapping writes.
+    /// A detached disk is never read: writes since went to the peer alone,
+    /// so it may hold older data than the peer (a disk that fails writes
+    /// may still read). A write that detaches the disk holds its range
+    /// until it returns, so no read of that range starts in between. A
+    /// read error detaches the disk, as any other.
     pub async fn read_for_resync(
         &self,
         offset: u64,
@@ -1510,7 +1515,9 @@ impl Volume {
     ) -> Result<(RangeGuard, AlignedBuf), Error> {
         let guard = self.gate.enter(offset, len).await;
         let at = self.range(offset, len)?;
-        let data = self.store.read(at, len as usize).await?;
+        let data = self
+            .on_disk(async { Ok(self.store.read(at, len as usize).await?) })
+            .await?;
         Ok((guard, data))
     }
 
@@ -2000,6 +2007,23 @@ mod tests {
             reopened.tracker.any_out_of_sync(8192, 4096),
             "the unanswered write is not marked on disk"
         );
+    }
+
+    /// A disk detached after a failed write may still read, but what it
+    /// holds is older than the peer's copy wherever writes went on to the
+    /// peer alone: a resync never reads it.
+    #[tokio::test]
+    async fn a_detached_disk_is_no_resync_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        assert!(volume.read_for_resync(0, 4096).await.is_ok());
+        volume.detach_failed_disk(&blkmirror_io::Error::Io {
+            op: "write",
+            offset: 0,
+            source: std::io::Error::other("a write failed"),
+        });
+        let read = volume.read_for_resync(0, 4096).await;
+        assert!(matches!(read, Err(Error::DiskFailed)), "read anyway");
     }
 
     /// A client with requests under way at shutdown (its connection
