@@ -60,6 +60,32 @@ fn known(g: &Generations) -> impl Iterator<Item = u64> + '_ {
 
 /// Decides, from `local`'s point of view, how the two sides relate.
 pub fn decide(local: &SideState, peer: &SideState) -> SyncDecision {
+    let decision = decide_by_generations(local, peer);
+    // A side whose resync was cut off (Inconsistent) holds no valid data,
+    // whatever its generations say: it is never a source, and what it
+    // wrote before it became a target is not a split brain any more (the
+    // target of a resolved split brain may have lost power before it
+    // recorded the end, after the source had). A consistent side that
+    // shares history with it copies everything.
+    let consistent = |s: &SideState| s.flags.contains(Flags::CONSISTENT);
+    match (consistent(local), consistent(peer), decision) {
+        (
+            true,
+            false,
+            SyncDecision::TargetDifferential | SyncDecision::TargetFull | SyncDecision::SplitBrain,
+        ) => SyncDecision::SourceFull,
+        (
+            false,
+            true,
+            SyncDecision::SourceDifferential | SyncDecision::SourceFull | SyncDecision::SplitBrain,
+        ) => SyncDecision::TargetFull,
+        _ => decision,
+    }
+}
+
+/// `decide`, from the generation identifiers (and, within one generation,
+/// the flags that say which side may hold more).
+fn decide_by_generations(local: &SideState, peer: &SideState) -> SyncDecision {
     let (l, p) = (&local.generations, &peer.generations);
     match (l.is_just_created(), p.is_just_created()) {
         (true, true) => return SyncDecision::BothNew,
@@ -179,6 +205,41 @@ mod tests {
             right.flags.set(Flags::CONSISTENT | Flags::UP_TO_DATE, !ib);
             proptest::prop_assert_eq!(decide(&left, &right), decide(&right, &left).mirrored());
         }
+
+        /// Beside a consistent side, an inconsistent one is never the
+        /// source, nor a party to a split brain.
+        #[test]
+        fn an_inconsistent_side_is_never_a_source(a in proptest::array::uniform4(0u64..6), b in proptest::array::uniform4(0u64..6), crashed: bool) {
+            let consistent = side(a[0], a[1], [a[2], a[3]]);
+            let mut cut_off = side(b[0], b[1], [b[2], b[3]]);
+            cut_off.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE);
+            cut_off.flags.set(Flags::CRASHED_PRIMARY, crashed);
+            let decision = decide(&cut_off, &consistent);
+            proptest::prop_assert!(
+                !matches!(decision, SyncDecision::SourceDifferential | SyncDecision::SourceFull | SyncDecision::SplitBrain),
+                "{:?}", decision
+            );
+        }
+    }
+
+    /// A split brain resolved with beta as the victim: alpha, the source,
+    /// recorded the end (its bitmap generation is history now) and beta
+    /// lost power before it did. Beta's generations still say it wrote
+    /// apart, but its data is half alpha's: alpha copies everything, and
+    /// no policy that counts changes can pick alpha as the victim.
+    #[test]
+    fn a_split_brain_target_cut_off_after_the_source_finished_is_the_target() {
+        let alpha = side(11, 0, [10, 0]);
+        let mut beta = side(12, 10, [0, 0]);
+        check(alpha, beta, SyncDecision::SplitBrain);
+        beta.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE);
+        check(alpha, beta, SyncDecision::SourceFull);
+        // Cut off before either recorded it: the same.
+        check(side(11, 10, [0, 0]), beta, SyncDecision::SourceFull);
+        // Two inconsistent sides: nothing to prefer, as before.
+        let mut alpha = alpha;
+        alpha.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE);
+        check(alpha, beta, SyncDecision::SplitBrain);
     }
 
     #[test]
