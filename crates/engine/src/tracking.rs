@@ -246,6 +246,15 @@ impl ChangeTracker {
         self.bitmap.lock().unwrap().clear(offset, len);
     }
 
+    /// `clear`, unless `stale` says otherwise when the bitmap is taken: a
+    /// mark made since that check waits for the clear, so it stands.
+    pub fn clear_unless(&self, offset: u64, len: u64, stale: impl FnOnce() -> bool) {
+        let mut bitmap = self.bitmap.lock().unwrap();
+        if !stale() {
+            bitmap.clear(offset, len);
+        }
+    }
+
     pub fn mark_all(&self) {
         self.mark(0, self.layout.data_size);
     }

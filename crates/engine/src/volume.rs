@@ -1091,19 +1091,35 @@ impl Volume {
                 write
             }
         };
-        self.tracker.mark(offset, len);
-        self.peer_missed(link, "the peer did not confirm a write")
+        self.peer_missed(
+            link,
+            "the peer did not confirm a write",
+            Some((offset, len)),
+        )
     }
 
-    /// The peer may lack something this node wrote through `link`: it is
-    /// marked already. Whatever session carries writes now ends too (even
-    /// a newer one, whose handshake did not know of the mark), so the next
-    /// handshake sees the mark and resyncs it.
-    fn peer_missed(&self, link: &Channel, why: &str) -> Result<(), Error> {
+    /// The peer may lack something this node wrote through `link`: the
+    /// range `missed`, or what `session_over` marks. Whatever session
+    /// carries writes now ends too (even a newer one, whose handshake did
+    /// not know of the mark), so the next handshake sees the mark and
+    /// resyncs it.
+    fn peer_missed(
+        &self,
+        link: &Channel,
+        why: &str,
+        missed: Option<(u64, u64)>,
+    ) -> Result<(), Error> {
         link.close(why);
         let current = self.link.lock().unwrap().take();
-        if let Some(current) = current {
+        if let Some(current) = &current {
             current.close(why);
+        }
+        // Only now that both are closed: a resync barrier confirmed on
+        // either could clear it otherwise (see `mark_in_sync_on`).
+        if let Some((offset, len)) = missed {
+            self.tracker.mark(offset, len);
+        }
+        if let Some(current) = current {
             self.session_over(&current)?;
         }
         self.session_over(link)?;
@@ -1145,7 +1161,7 @@ impl Volume {
                 // What it answered since its last confirmed barrier is
                 // remembered, and marked as the session ends.
                 tracing::warn!("the peer did not confirm a barrier; the session ends");
-                self.peer_missed(link, "the peer did not confirm a barrier")
+                self.peer_missed(link, "the peer did not confirm a barrier", None)
             }
         }
     }
@@ -1438,8 +1454,12 @@ impl Volume {
         self.tracker.mark_all();
     }
 
-    pub fn mark_in_sync(&self, offset: u64, len: u64) {
-        self.tracker.clear(offset, len);
+    /// A resync chunk sent on `link` is durable on the peer: in sync, unless
+    /// the session has ended. Every mark of a write the peer missed is made
+    /// once its session is closed (see `peer_missed` and the peer manager),
+    /// so a barrier confirmed just before never clears such a mark.
+    pub fn mark_in_sync_on(&self, link: &Channel, offset: u64, len: u64) {
+        self.tracker.clear_unless(offset, len, || link.is_closed());
     }
 
     /// This node is about to be overwritten by the peer: until the resync
@@ -2007,6 +2027,23 @@ mod tests {
             reopened.tracker.any_out_of_sync(8192, 4096),
             "the unanswered write is not marked on disk"
         );
+    }
+
+    /// A resync barrier confirmed on a session clears its chunks only while
+    /// the session is open: a write that the peer then missed is marked
+    /// once the session is closed, and stays marked.
+    #[tokio::test]
+    async fn a_resync_chunk_is_in_sync_only_while_its_session_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        let ((link, _answers), (_peer, _inbox)) = peer::channel_pair(1).await;
+        volume.mark_out_of_sync(0, 1 << 20);
+        volume.mark_in_sync_on(&link, 0, 1 << 20);
+        assert_eq!(volume.out_of_sync_bytes(), 0);
+        link.close("test");
+        volume.mark_out_of_sync(4096, 4096);
+        volume.mark_in_sync_on(&link, 0, 1 << 20);
+        assert_eq!(volume.out_of_sync_bytes(), 4096);
     }
 
     /// A disk detached after a failed write may still read, but what it

@@ -470,10 +470,15 @@ impl Manager {
                 _ = self.peer.kick.notified() => Ok(()),
                 outcome = attempt => outcome,
             };
-            self.volume.end_session();
+            // Closed before writes go without it: a write made alone marks
+            // the bitmap, and a resync barrier confirmed on this session
+            // clears only while it is open (see `mark_in_sync_on`).
             let ended = self.peer.channel.lock().unwrap().take();
-            if let Some(channel) = ended {
+            if let Some(channel) = &ended {
                 channel.close("session ended");
+            }
+            self.volume.end_session();
+            if let Some(channel) = ended {
                 if let Err(e) = self.volume.session_over(&channel) {
                     tracing::error!(error = %e, "cannot mark writes the peer may not have kept");
                 }

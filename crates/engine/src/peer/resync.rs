@@ -266,7 +266,7 @@ impl Answered {
                 return Err(format!("peer failed to flush resync data: errno {errno}"));
             }
             for (offset, len) in chunks {
-                volume.mark_in_sync(offset, len);
+                volume.mark_in_sync_on(&link, offset, len);
             }
             Ok(())
         });
