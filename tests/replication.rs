@@ -1150,7 +1150,7 @@ fn an_oversized_checksum_request_is_refused() {
     let oversized = blkmirror_proto::Message::ResyncChecksum {
         offset: 0,
         len: 5 << 20,
-        crc: 0,
+        digest: [0; 32],
     };
     fake.send(1, &oversized);
     assert_eq!(fake.answer(1), libc::EINVAL as u32);

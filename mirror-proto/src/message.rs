@@ -150,10 +150,12 @@ pub enum Message {
         offset: u64,
         data: Vec<u8>,
     },
+    /// The source's digest of a range (see [`chunk_digest`]): the target
+    /// answers 0 when its own matches, so the data need not travel.
     ResyncChecksum {
         offset: u64,
         len: u32,
-        crc: u32,
+        digest: [u8; 32],
     },
     /// The resync is complete: the target now holds generation `current`.
     ResyncDone {
@@ -334,10 +336,14 @@ impl Message {
                 w.extend_from_slice(&offset.to_le_bytes());
                 w.extend_from_slice(data);
             }
-            Message::ResyncChecksum { offset, len, crc } => {
+            Message::ResyncChecksum {
+                offset,
+                len,
+                digest,
+            } => {
                 w.extend_from_slice(&offset.to_le_bytes());
                 w.extend_from_slice(&len.to_le_bytes());
-                w.extend_from_slice(&crc.to_le_bytes());
+                w.extend_from_slice(digest);
             }
             Message::Ping { token }
             | Message::Pong { token }
@@ -526,7 +532,7 @@ impl Message {
             kind::RESYNC_CHECKSUM => Message::ResyncChecksum {
                 offset: r.u64()?,
                 len: r.u32()?,
-                crc: r.u32()?,
+                digest: r.array()?,
             },
             kind::RESYNC_DONE => Message::ResyncDone { current: r.u64()? },
             kind::PING => Message::Ping { token: r.u64()? },
@@ -573,6 +579,15 @@ fn put_bytes16(w: &mut Vec<u8>, bytes: &[u8]) {
     let len = u16::try_from(bytes.len()).expect("short strings only");
     w.extend_from_slice(&len.to_le_bytes());
     w.extend_from_slice(bytes);
+}
+
+/// The digest by which resync and `verify` compare a range on both nodes:
+/// SHA-256, so that two chunks that differ never match in practice, by
+/// chance or by the shape of the difference (a CRC matches whenever the
+/// difference is a multiple of its polynomial).
+pub fn chunk_digest(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
 }
 
 struct Reader<'a> {
@@ -719,8 +734,13 @@ mod tests {
                 }
             }),
             (any::<u64>(), bytes()).prop_map(|(offset, data)| Message::ResyncData { offset, data }),
-            (any::<u64>(), any::<u32>(), any::<u32>())
-                .prop_map(|(offset, len, crc)| Message::ResyncChecksum { offset, len, crc }),
+            (any::<u64>(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(offset, len, digest)| {
+                Message::ResyncChecksum {
+                    offset,
+                    len,
+                    digest,
+                }
+            }),
             any::<u64>().prop_map(|current| Message::ResyncDone { current }),
             any::<u64>().prop_map(|token| Message::Ping { token }),
             any::<u64>().prop_map(|token| Message::Pong { token }),

@@ -1230,11 +1230,15 @@ impl Manager {
                     resyncing.expect_target("ResyncData")?;
                     self.apply(link, &load, seq, offset, data, 0).await?
                 }
-                Message::ResyncChecksum { offset, len, crc } => {
+                Message::ResyncChecksum {
+                    offset,
+                    len,
+                    digest,
+                } => {
                     let answering = link.clone();
                     self.read_for_peer(link, &load, offset, len, move |read| async move {
                         let answer = match read {
-                            Ok(data) if crc32c::crc32c(&data) == crc => 0,
+                            Ok(data) if blkmirror_proto::chunk_digest(&data) == digest => 0,
                             Ok(_) => CHECKSUM_DIFFERS,
                             Err(errno) => errno,
                         };

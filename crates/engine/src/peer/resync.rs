@@ -191,7 +191,7 @@ async fn resync_chunk(
         ChunkKind::Checksum => Message::ResyncChecksum {
             offset,
             len: len as u32,
-            crc: crc32c::crc32c(&data),
+            digest: blkmirror_proto::chunk_digest(&data),
         },
         ChunkKind::Data => Message::ResyncData {
             offset,
@@ -539,7 +539,7 @@ pub async fn verify(
                 Message::ResyncChecksum {
                     offset,
                     len: len as u32,
-                    crc: crc32c::crc32c(data),
+                    digest: blkmirror_proto::chunk_digest(data),
                 }
             })
             .await?;
