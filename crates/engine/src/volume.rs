@@ -80,9 +80,10 @@ const PROMOTION_REFUSED: u32 = 16;
 /// and takes second place (EAGAIN): the asker is to ask again shortly,
 /// once the answering node has had its own refusal.
 const PROMOTION_COLLIDED: u32 = 11;
-/// How often a node whose question met its peer's asks again; the pauses
-/// between grow from 1 ms to 100 ms, about a quarter of a second in all.
-const PROMOTION_ASKS_AFTER_COLLISION: u32 = 8;
+/// The longest pause before a node whose question met its peer's asks
+/// again (the pauses grow from 1 ms); it asks again for the link's
+/// `timeout`, as the peer's own refusal may wait behind a resync's frames.
+const PROMOTION_ASK_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What `status` reports about the volume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -510,18 +511,18 @@ impl Volume {
             state.asking_promotion = true;
         }
         let asking = AskingPromotion(&self.state);
-        let mut collisions = 0;
+        let give_up = tokio::time::Instant::now() + link.timeout();
+        let mut pause = std::time::Duration::from_millis(1);
         loop {
             match Self::ask_peer_once(link).await {
                 Ok(0) => return Ok(Some(asking)),
-                Ok(PROMOTION_COLLIDED) if collisions < PROMOTION_ASKS_AFTER_COLLISION => {
+                Ok(PROMOTION_COLLIDED) if tokio::time::Instant::now() < give_up => {
                     tracing::info!(
                         "the peer asked to be promoted at the same moment; this node's name \
                          sorts first, so it asks again"
                     );
-                    let pause = std::time::Duration::from_millis(1 << collisions);
-                    tokio::time::sleep(pause.min(std::time::Duration::from_millis(100))).await;
-                    collisions += 1;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(PROMOTION_ASK_PAUSE_MAX);
                 }
                 Ok(_) => return Err(Error::PeerRefusedPromotion),
                 Err(Lost) => {
@@ -1123,7 +1124,13 @@ impl Volume {
             self.session_over(&current)?;
         }
         self.session_over(link)?;
-        self.open_generation()
+        // A write this node made as primary, even if demoted since; a
+        // secondary whose barrier failed has written nothing the peer lacks
+        // (and `session_over` starts a generation if it marked anything).
+        if missed.is_some() || self.role() == Role::Primary {
+            self.open_generation()?;
+        }
+        Ok(())
     }
 
     pub async fn flush(self: &Arc<Self>) -> Result<(), Error> {
@@ -1526,8 +1533,9 @@ impl Volume {
     /// A detached disk is never read: writes since went to the peer alone,
     /// so it may hold older data than the peer (a disk that fails writes
     /// may still read). A write that detaches the disk holds its range
-    /// until it returns, so no read of that range starts in between. A
-    /// read error detaches the disk, as any other.
+    /// until it returns, so no read of that range starts in between. (A
+    /// read error fails the resync but detaches nothing: the peer, a sync
+    /// target, has no complete copy to fall back on.)
     pub async fn read_for_resync(
         &self,
         offset: u64,
@@ -1535,9 +1543,10 @@ impl Volume {
     ) -> Result<(RangeGuard, AlignedBuf), Error> {
         let guard = self.gate.enter(offset, len).await;
         let at = self.range(offset, len)?;
-        let data = self
-            .on_disk(async { Ok(self.store.read(at, len as usize).await?) })
-            .await?;
+        if self.is_diskless() {
+            return Err(Error::DiskFailed);
+        }
+        let data = self.store.read(at, len as usize).await?;
         Ok((guard, data))
     }
 
@@ -1855,21 +1864,34 @@ mod tests {
         assert_eq!(volume.answer_promotion_ask("aaron"), PROMOTION_REFUSED);
     }
 
-    /// Asked again too often, a node gives up: its peer keeps asking too.
+    /// A node gives up asking again once the link's timeout has passed:
+    /// its peer kept asking too.
     #[tokio::test]
-    async fn a_node_asks_again_only_so_often() {
+    async fn a_node_asks_again_only_so_long() {
         let dir = tempfile::tempdir().unwrap();
         let volume = fresh_volume(dir.path()).await;
         let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
         volume.session_began(link.clone());
-        let collided = [PROMOTION_COLLIDED; PROMOTION_ASKS_AFTER_COLLISION as usize + 1];
-        let refused = promote_answered(
-            &volume,
-            (&link, &mut answers),
-            (&peer, &mut inbox),
-            &collided,
-        )
-        .await;
+        let answering_collided = async {
+            loop {
+                let (seq, asked) = inbox.next().await.unwrap();
+                assert!(matches!(asked, Message::PromoteAsk), "{}", asked.kind());
+                peer.acknowledge(seq, blkmirror_proto::AckKind::Written, PROMOTION_COLLIDED)
+                    .await;
+                let (_, Message::Ack { entries }) = answers.next().await.unwrap() else {
+                    panic!("no answer");
+                };
+                link.answer(&entries);
+            }
+        };
+        let refused = tokio::time::timeout(link.timeout() * 3, async {
+            tokio::select! {
+                refused = volume.promote(true) => refused,
+                () = answering_collided => unreachable!(),
+            }
+        })
+        .await
+        .expect("it asked on and on");
         assert!(
             matches!(refused, Err(Error::PeerRefusedPromotion)),
             "{refused:?}"
@@ -2061,6 +2083,23 @@ mod tests {
         });
         let read = volume.read_for_resync(0, 4096).await;
         assert!(matches!(read, Err(Error::DiskFailed)), "read anyway");
+    }
+
+    /// A secondary whose barrier fails (the session drops as it settles
+    /// before `down` or `disconnect`) has written nothing its peer lacks:
+    /// it starts no generation, which would pass for writes of its own.
+    #[tokio::test]
+    async fn a_secondary_whose_barrier_fails_keeps_its_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = fresh_volume(dir.path()).await;
+        let ((link, _answers), (_peer, _inbox)) = peer::channel_pair(1).await;
+        volume.session_began(link.clone());
+        volume.set_link(Some(link.clone()));
+        let before = volume.state.lock().unwrap().superblock.generations;
+        link.close("the session drops");
+        assert!(!volume.settle_on(&link).await, "confirmed on a closed link");
+        let after = volume.state.lock().unwrap().superblock.generations;
+        assert_eq!(after, before);
     }
 
     /// A client with requests under way at shutdown (its connection
