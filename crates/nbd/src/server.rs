@@ -1,6 +1,7 @@
 //! The NBD server: fixed-newstyle handshake, then a transmission phase in
 //! which requests run concurrently and replies go out as they complete.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -437,12 +438,13 @@ fn budget_units(header: &RequestHeader) -> u32 {
 /// Runs requests concurrently inside this one task and hands each reply to
 /// the writer as soon as its request completes, in whatever order that is.
 /// Writing happens in its own task so a slow client socket never delays
-/// starting the next requests.
+/// starting the next requests, nor finishing those under way.
 ///
-/// It holds the client's attachment: the client counts as attached until
-/// its last request is done, even when the server stops and aborts the
-/// connection's reading task, so the volume is not demoted or shut down
-/// under its writes.
+/// It holds the client's attachment until its last request is done, even
+/// when the server stops and aborts the connection's reading task: the
+/// volume is not demoted or shut down under its writes. It lets it go
+/// before the last replies are written, which a client that reads nothing
+/// could hold up forever.
 async fn execute_and_reply<W, B>(
     writer: BufWriter<W>,
     mut requests: mpsc::Receiver<Parsed<B::Buf>>,
@@ -458,9 +460,11 @@ where
     let size = attachment.0.size();
     let backend = &*attachment.0;
     let mut in_flight = FuturesUnordered::new();
+    // Replies the writer has no room for yet (each holds its budget share).
+    let mut unsent = VecDeque::new();
     let mut accepting = true;
     let mut client_gone = false;
-    loop {
+    while accepting || !in_flight.is_empty() {
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
@@ -468,12 +472,27 @@ where
                 // reported below), requests already started still run to
                 // the end: a write stopped halfway could reach one disk of
                 // the mirror and not the other.
-                if !client_gone && replies.send(done).await.is_err() {
-                    client_gone = true;
-                    accepting = false;
+                let sent = if client_gone { Ok(()) } else { replies.try_send(done) };
+                match sent {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(done)) => unsent.push_back(done),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        client_gone = true;
+                        accepting = false;
+                    }
                 }
             }
-            request = requests.recv(), if accepting && in_flight.len() < IN_FLIGHT_PER_CONNECTION_MAX => {
+            room = replies.reserve(), if !unsent.is_empty() => match room {
+                Ok(room) => room.send(unsent.pop_front().expect("not empty")),
+                Err(_) => {
+                    client_gone = true;
+                    accepting = false;
+                    unsent.clear();
+                }
+            },
+            request = requests.recv(),
+                if accepting && in_flight.len() + unsent.len() < IN_FLIGHT_PER_CONNECTION_MAX =>
+            {
                 match request {
                     Some(Parsed { header, payload, budget }) => in_flight.push(async move {
                         (execute(backend, header, payload, size).await, budget)
@@ -482,6 +501,13 @@ where
                 }
             }
             else => break,
+        }
+    }
+    drop(in_flight);
+    drop(attachment);
+    for done in unsent {
+        if replies.send(done).await.is_err() {
+            break;
         }
     }
     drop(replies);

@@ -17,6 +17,7 @@ struct MemDisk {
     /// A write waits for a permit here before it lands.
     writes_let_through: tokio::sync::Semaphore,
     writes_begun: AtomicUsize,
+    reads_done: AtomicUsize,
 }
 
 impl Backend for MemDisk {
@@ -46,6 +47,7 @@ impl Backend for MemDisk {
     }
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, BackendError> {
         let d = self.data.lock().unwrap();
+        self.reads_done.fetch_add(1, Ordering::SeqCst);
         Ok(d[offset as usize..offset as usize + len as usize].to_vec())
     }
     async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> Result<(), BackendError> {
@@ -77,6 +79,7 @@ fn disk(refuse: Option<&str>) -> Arc<MemDisk> {
         attached: AtomicUsize::new(0),
         writes_let_through: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
         writes_begun: AtomicUsize::new(0),
+        reads_done: AtomicUsize::new(0),
     })
 }
 
@@ -259,4 +262,39 @@ async fn truncated_handshake_ends_quietly() {
     a.write_all(&[0, 0]).await.unwrap(); // half of the client flags
     drop(a);
     assert!(server.await.unwrap().is_err());
+}
+
+/// A client that reads no replies holds up their writing, not its
+/// attachment: once its requests are done, and the server stopping has
+/// aborted the connection, it counts as attached no more, its replies
+/// unsent.
+#[tokio::test]
+async fn a_client_that_reads_no_replies_does_not_stay_attached() {
+    const READS: u64 = 16;
+    let backend = disk(None);
+    let (mut a, b) = tokio::io::duplex(1 << 16);
+    let connection = tokio::spawn(serve_connection(b, backend.clone()));
+    raw_export_name(&mut a).await;
+    assert_eq!(backend.attached.load(Ordering::SeqCst), 1);
+    // Far more reply bytes than the pipe holds.
+    for handle in 0..READS {
+        let read = RequestHeader {
+            flags: 0,
+            command: Command::Read,
+            handle,
+            offset: handle << 16,
+            length: 1 << 16,
+        };
+        a.write_all(&read.encode()).await.unwrap();
+    }
+    wait_until("the reads", || {
+        backend.reads_done.load(Ordering::SeqCst) == READS as usize
+    })
+    .await;
+    connection.abort();
+    wait_until("the detachment", || {
+        backend.attached.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    drop(a);
 }
