@@ -1011,6 +1011,16 @@ struct FakeAlpha {
 impl FakeAlpha {
     /// Connects to beta with a copy of beta's own Hello, changed by `adjust`.
     fn connect(res: &Resource, adjust: impl FnOnce(&mut blkmirror_proto::Hello)) -> FakeAlpha {
+        FakeAlpha::connect_after(res, adjust, || {})
+    }
+
+    /// `connect`, running `meanwhile` once beta has sent its Hello and
+    /// before the fake answers with its own.
+    fn connect_after(
+        res: &Resource,
+        adjust: impl FnOnce(&mut blkmirror_proto::Hello),
+        meanwhile: impl FnOnce(),
+    ) -> FakeAlpha {
         let stream = std::net::TcpStream::connect(first_link(res, "beta")).unwrap();
         stream
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -1031,6 +1041,7 @@ impl FakeAlpha {
             ..beta
         };
         adjust(&mut alpha);
+        meanwhile();
         fake.send(0, &blkmirror_proto::Message::Hello(alpha));
         fake
     }
@@ -1081,6 +1092,32 @@ fn beta_alone(res: &Resource) -> (NodeProcess, serde_json::Value) {
     res.wait_status("beta", "alpha gone", |s| s["connection"] != "Connected");
     let generations = res.json("beta", &["dump-md", "--json"])["generations"].clone();
     (beta, generations)
+}
+
+/// A write made alone while a handshake is under way, after beta's Hello
+/// was built: the Hellos say in sync, and the session ends at once ("writes
+/// raced the handshake"). The generation the write opened stays open, so
+/// the next write made alone joins it and alpha's generation stays beta's
+/// bitmap generation: the reconnection resyncs the difference, not the
+/// whole disk.
+#[test]
+fn a_write_that_races_a_handshake_keeps_the_next_resync_differential() {
+    let res = Resource::new();
+    let (_beta, generations) = beta_alone(&res);
+    res.ok("beta", &["primary"]);
+    let mut fake = FakeAlpha::connect_after(
+        &res,
+        |hello| hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits(),
+        || {
+            res.qemu_io("beta", &["write -P 0x21 0 4k"]);
+        },
+    );
+    while fake.next().is_some() {}
+    res.wait_error("beta", "writes raced the handshake");
+    res.qemu_io("beta", &["write -P 0x22 1M 4k"]);
+    let now = res.json("beta", &["dump-md", "--json"])["generations"].clone();
+    assert_eq!(now["bitmap"], generations["current"], "{now}");
+    assert_eq!(res.status("beta")["out_of_sync_bytes"], 8192);
 }
 
 /// Resync frames from a peer that is not the sync source are refused: the

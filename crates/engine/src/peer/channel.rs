@@ -378,12 +378,23 @@ impl Channel {
     }
 
     /// Sends a barrier and waits for the peer's answer: 0 once every frame
-    /// sent before it is durable there, which ends what is volatile.
+    /// sent before it is durable there, which ends what is volatile. A peer
+    /// whose flush hangs while its writes go on (answered, so the session
+    /// looks alive) loses the session after as long as a silent one: what
+    /// is volatile meanwhile grows with every write, and client flushes wait.
     pub async fn barrier(&self) -> Result<u32, Lost> {
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         let reply = self.enqueue(&Message::Barrier { epoch }).await?;
         let seq = reply.seq();
-        let errno = reply.written().await?;
+        let limit = self.timeout * ANSWER_TIMEOUTS;
+        let Ok(answer) = tokio::time::timeout(limit, reply.written()).await else {
+            self.close(&format!(
+                "the peer made nothing durable in {limit:?} (barrier {epoch} unanswered): its \
+                 disk may hang"
+            ));
+            return Err(Lost);
+        };
+        let errno = answer?;
         if errno == 0 {
             self.durable_before(seq);
         }
@@ -1207,6 +1218,41 @@ pub(crate) mod tests {
             reply.written().await.is_err(),
             "the write is lost, not answered"
         );
+    }
+
+    /// A peer that answers writes but never a barrier (its flush hangs)
+    /// loses the session once the barrier has waited as long as a silent
+    /// peer would be given.
+    #[tokio::test]
+    async fn a_peer_whose_flush_hangs_loses_the_session() {
+        let timeout = Duration::from_millis(200);
+        let deadline = timeout * ANSWER_TIMEOUTS;
+        let ((a, mut a_inbox), (b, mut b_inbox)) = pair_timed(1, timeout).await;
+        let start = Instant::now();
+        let barrier = {
+            let a = a.clone();
+            tokio::spawn(async move { a.barrier().await })
+        };
+        let (_, message) = b_inbox.next().await.unwrap();
+        assert!(matches!(message, Message::Barrier { .. }), "{message:?}");
+        // Writes after it are answered all along.
+        while !a.is_closed() && start.elapsed() < deadline * 3 {
+            let Ok(reply) = a.enqueue(&write(1)).await else {
+                break;
+            };
+            let (seq, _) = b_inbox.next().await.unwrap();
+            b.acknowledge(seq, AckKind::Written, 0).await;
+            let (arrived, _) = answers(&mut a_inbox, 1).await;
+            a.answer(&arrived);
+            let _ = reply.written().await;
+            tokio::time::sleep(timeout / 4).await;
+        }
+        let barrier = tokio::time::timeout(Duration::from_secs(10), barrier).await;
+        let barrier = barrier.expect("the barrier waits on and on");
+        assert!(barrier.unwrap().is_err(), "the barrier was answered");
+        let reason = closing_reason(&a).await;
+        assert!(reason.contains("made nothing durable"), "{reason}");
+        assert!(start.elapsed() >= deadline);
     }
 
     #[tokio::test]

@@ -1044,15 +1044,20 @@ impl Manager {
         let volume = &self.volume;
         match decision {
             SyncDecision::InSync => {
-                self.established(link).await;
+                volume.link_up(link.clone()).await;
                 // (A diskless node's marks are ranges lost with its disk.)
                 if volume.out_of_sync_bytes() > 0 && !volume.is_diskless() {
                     // A write raced the handshake (marked before the link was
                     // set): reconnect, and a differential resync copies it.
+                    // Not in sync, so the generation that write opened stays
+                    // open: another, opened by the next write made alone,
+                    // would leave the peer's generation in the history only,
+                    // and a full copy would follow.
                     return Err(PeerError::Wire(
                         "writes raced the handshake; reconnecting to resync them".into(),
                     ));
                 }
+                self.in_sync();
                 self.serve(&mut inbox, link, Resyncing::No).await
             }
             SyncDecision::SourceDifferential | SyncDecision::SourceFull => {
@@ -1138,6 +1143,11 @@ impl Manager {
 
     async fn established(&self, link: &Arc<Channel>) {
         self.volume.link_up(link.clone()).await;
+        self.in_sync();
+    }
+
+    /// Records that both nodes hold the same data, the link up.
+    fn in_sync(&self) {
         if let Err(e) = self.volume.note_in_sync() {
             tracing::error!(error = %e, "cannot record being in sync");
         }
