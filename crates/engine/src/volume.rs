@@ -652,8 +652,15 @@ impl Volume {
     /// before: a resync cut off, again and again, must leave the target's
     /// generation this node's bitmap generation, or it would fall out of
     /// the history and look unrelated.)
-    pub fn note_in_sync(&self) -> Result<(), Error> {
+    ///
+    /// Not once the session on `link` has ended: a write the peer missed
+    /// may have opened the generation (`peer_missed` closes the session
+    /// before it marks and opens one), and it must stay open.
+    pub fn note_in_sync(&self, link: &Channel) -> Result<(), Error> {
         let mut state = self.state.lock().unwrap();
+        if link.is_closed() {
+            return Ok(());
+        }
         state.generation_open = false;
         if !state.superblock.flags.contains(Flags::PROMOTED_APART) {
             return Ok(());

@@ -472,7 +472,14 @@ where
                 // reported below), requests already started still run to
                 // the end: a write stopped halfway could reach one disk of
                 // the mirror and not the other.
-                let sent = if client_gone { Ok(()) } else { replies.try_send(done) };
+                // Behind replies already waiting, so none is overtaken.
+                let sent = if client_gone {
+                    Ok(())
+                } else if unsent.is_empty() {
+                    replies.try_send(done)
+                } else {
+                    Err(mpsc::error::TrySendError::Full(done))
+                };
                 match sent {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(done)) => unsent.push_back(done),
@@ -490,8 +497,9 @@ where
                     unsent.clear();
                 }
             },
+            // (Replies waiting are bounded by the byte budget they hold.)
             request = requests.recv(),
-                if accepting && in_flight.len() + unsent.len() < IN_FLIGHT_PER_CONNECTION_MAX =>
+                if accepting && in_flight.len() < IN_FLIGHT_PER_CONNECTION_MAX =>
             {
                 match request {
                     Some(Parsed { header, payload, budget }) => in_flight.push(async move {

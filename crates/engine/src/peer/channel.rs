@@ -382,17 +382,31 @@ impl Channel {
     /// whose flush hangs while its writes go on (answered, so the session
     /// looks alive) loses the session after as long as a silent one: what
     /// is volatile meanwhile grows with every write, and client flushes wait.
+    /// The time counts from when every frame before the barrier is
+    /// answered: until then the peer is still writing, not flushing.
     pub async fn barrier(&self) -> Result<u32, Lost> {
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         let reply = self.enqueue(&Message::Barrier { epoch }).await?;
         let seq = reply.seq();
         let limit = self.timeout * ANSWER_TIMEOUTS;
-        let Ok(answer) = tokio::time::timeout(limit, reply.written()).await else {
-            self.close(&format!(
-                "the peer made nothing durable in {limit:?} (barrier {epoch} unanswered): its \
-                 disk may hang"
-            ));
-            return Err(Lost);
+        let written = reply.written();
+        tokio::pin!(written);
+        let mut flushing_since = None;
+        let answer = loop {
+            match tokio::time::timeout(limit / 8, &mut written).await {
+                Ok(answer) => break answer,
+                Err(_) if self.answers_owed_before(seq) => flushing_since = None,
+                Err(_) => {
+                    let since = *flushing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= limit {
+                        self.close(&format!(
+                            "the peer made nothing durable in {limit:?} (barrier {epoch} \
+                             unanswered): its disk may hang"
+                        ));
+                        return Err(Lost);
+                    }
+                }
+            }
         };
         let errno = answer?;
         if errno == 0 {
@@ -820,6 +834,16 @@ impl Channel {
             }
         };
         self.link_down(index, generation, &reason);
+    }
+
+    /// Whether the peer still owes an answer to a frame sent before `seq`.
+    fn answers_owed_before(&self, seq: u64) -> bool {
+        self.pending
+            .lock()
+            .unwrap()
+            .waiters
+            .keys()
+            .any(|&k| k < seq)
     }
 
     /// Says why, if frames have waited longer than `limit` with no answer
@@ -1253,6 +1277,42 @@ pub(crate) mod tests {
         let reason = closing_reason(&a).await;
         assert!(reason.contains("made nothing durable"), "{reason}");
         assert!(start.elapsed() >= deadline);
+    }
+
+    /// A barrier behind writes the peer is slow to answer waits for them:
+    /// its time counts only once they are answered.
+    #[tokio::test]
+    async fn a_barrier_waits_as_long_as_the_writes_before_it() {
+        let timeout = Duration::from_millis(100);
+        let deadline = timeout * ANSWER_TIMEOUTS;
+        let ((a, mut a_inbox), (b, mut b_inbox)) = pair_timed(1, timeout).await;
+        let slow = a.enqueue(&write(1)).await.unwrap();
+        let (slow_seq, _) = b_inbox.next().await.unwrap();
+        let barrier = {
+            let a = a.clone();
+            tokio::spawn(async move { a.barrier().await })
+        };
+        let (barrier_seq, _) = b_inbox.next().await.unwrap();
+        // Later writes are answered, so the peer is seen alive.
+        let start = Instant::now();
+        while start.elapsed() < deadline * 2 {
+            let reply = a.enqueue(&write(2)).await.unwrap();
+            let (seq, _) = b_inbox.next().await.unwrap();
+            b.acknowledge(seq, AckKind::Written, 0).await;
+            let (arrived, _) = answers(&mut a_inbox, 1).await;
+            a.answer(&arrived);
+            reply.written().await.unwrap();
+            tokio::time::sleep(timeout / 4).await;
+        }
+        for seq in [slow_seq, barrier_seq] {
+            b.acknowledge(seq, AckKind::Written, 0).await;
+            let (arrived, _) = answers(&mut a_inbox, 1).await;
+            a.answer(&arrived);
+        }
+        assert_eq!(slow.written().await.unwrap(), 0);
+        let answered = barrier.await.unwrap();
+        assert!(matches!(answered, Ok(0)), "{:?}", a.closed.borrow());
+        assert!(!a.is_closed());
     }
 
     #[tokio::test]

@@ -1057,7 +1057,7 @@ impl Manager {
                         "writes raced the handshake; reconnecting to resync them".into(),
                     ));
                 }
-                self.in_sync();
+                self.in_sync(link);
                 self.serve(&mut inbox, link, Resyncing::No).await
             }
             SyncDecision::SourceDifferential | SyncDecision::SourceFull => {
@@ -1143,12 +1143,12 @@ impl Manager {
 
     async fn established(&self, link: &Arc<Channel>) {
         self.volume.link_up(link.clone()).await;
-        self.in_sync();
+        self.in_sync(link);
     }
 
     /// Records that both nodes hold the same data, the link up.
-    fn in_sync(&self) {
-        if let Err(e) = self.volume.note_in_sync() {
+    fn in_sync(&self, link: &Channel) {
+        if let Err(e) = self.volume.note_in_sync(link) {
             tracing::error!(error = %e, "cannot record being in sync");
         }
         self.peer.set(|s| {
