@@ -37,6 +37,10 @@ pub enum SyncDecision {
     Unrelated,
     /// Neither side has ever held valid data: one must be promoted first.
     BothNew,
+    /// What the generations say would copy from, or take as in sync, data
+    /// that is not Consistent (a resync to it was cut off): the operator
+    /// says which side to keep, with a forced promotion.
+    NoConsistentSource,
 }
 
 impl SyncDecision {
@@ -67,8 +71,10 @@ pub fn decide(local: &SideState, peer: &SideState) -> SyncDecision {
     // target of a resolved split brain may have lost power before it
     // recorded the end, after the source had). A consistent side that
     // shares history with it copies everything.
-    let consistent = |s: &SideState| s.flags.contains(Flags::CONSISTENT);
-    match (consistent(local), consistent(peer), decision) {
+    // (A new disk has no data, whatever its flags.)
+    let consistent =
+        |s: &SideState| s.flags.contains(Flags::CONSISTENT) && !s.generations.is_just_created();
+    let decision = match (consistent(local), consistent(peer), decision) {
         (
             true,
             false,
@@ -80,6 +86,19 @@ pub fn decide(local: &SideState, peer: &SideState) -> SyncDecision {
             SyncDecision::SourceDifferential | SyncDecision::SourceFull | SyncDecision::SplitBrain,
         ) => SyncDecision::TargetFull,
         _ => decision,
+    };
+    // Nor is it ever copied to a new disk, taken for in sync, or set
+    // against the other side's changes when neither side is Consistent.
+    let from_inconsistent = match decision {
+        SyncDecision::SourceDifferential | SyncDecision::SourceFull => !consistent(local),
+        SyncDecision::TargetDifferential | SyncDecision::TargetFull => !consistent(peer),
+        SyncDecision::InSync | SyncDecision::SplitBrain => !consistent(local) || !consistent(peer),
+        SyncDecision::Unrelated | SyncDecision::BothNew | SyncDecision::NoConsistentSource => false,
+    };
+    if from_inconsistent {
+        SyncDecision::NoConsistentSource
+    } else {
+        decision
     }
 }
 
@@ -220,6 +239,29 @@ mod tests {
                 "{:?}", decision
             );
         }
+
+        /// Whatever both sides' generations and flags, a source is
+        /// Consistent, and so are two sides taken for in sync.
+        #[test]
+        fn a_source_is_always_consistent(a in proptest::array::uniform4(0u64..6), b in proptest::array::uniform4(0u64..6), ca: bool, cb: bool, ia: bool, ib: bool) {
+            let mut left = side(a[0], a[1], [a[2], a[3]]);
+            let mut right = side(b[0], b[1], [b[2], b[3]]);
+            left.flags.set(Flags::CRASHED_PRIMARY, ca);
+            right.flags.set(Flags::CRASHED_PRIMARY, cb);
+            left.flags.set(Flags::CONSISTENT | Flags::UP_TO_DATE, !ia);
+            right.flags.set(Flags::CONSISTENT | Flags::UP_TO_DATE, !ib);
+            let consistent = |s: &SideState| {
+                s.flags.contains(Flags::CONSISTENT) && !s.generations.is_just_created()
+            };
+            let decision = decide(&left, &right);
+            let fine = match decision {
+                SyncDecision::SourceDifferential | SyncDecision::SourceFull => consistent(&left),
+                SyncDecision::TargetDifferential | SyncDecision::TargetFull => consistent(&right),
+                SyncDecision::InSync => consistent(&left) && consistent(&right),
+                _ => true,
+            };
+            proptest::prop_assert!(fine, "{:?} from {:?} and {:?}", decision, left, right);
+        }
     }
 
     /// A split brain resolved with beta as the victim: alpha, the source,
@@ -236,10 +278,27 @@ mod tests {
         check(alpha, beta, SyncDecision::SourceFull);
         // Cut off before either recorded it: the same.
         check(side(11, 10, [0, 0]), beta, SyncDecision::SourceFull);
-        // Two inconsistent sides: nothing to prefer, as before.
+        // Two inconsistent sides: nothing to copy from.
         let mut alpha = alpha;
         alpha.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE);
-        check(alpha, beta, SyncDecision::SplitBrain);
+        check(alpha, beta, SyncDecision::NoConsistentSource);
+    }
+
+    /// A new disk beside an Inconsistent one (a resync to it was cut off,
+    /// say by its source's disk failing, which was then replaced) takes
+    /// nothing from it; nor do two Inconsistent sides of one generation
+    /// pass for in sync.
+    #[test]
+    fn inconsistent_data_is_never_copied_nor_in_sync() {
+        let mut new = side(GENERATION_JUST_CREATED, 0, [0, 0]);
+        new.flags = Flags::CLEAN_SHUTDOWN;
+        let mut cut_off = side(10, 0, [0, 0]);
+        cut_off.flags.remove(Flags::CONSISTENT | Flags::UP_TO_DATE);
+        check(new, cut_off, SyncDecision::NoConsistentSource);
+        check(cut_off, cut_off, SyncDecision::NoConsistentSource);
+        let mut dirty_crash = cut_off;
+        dirty_crash.flags.insert(Flags::CRASHED_PRIMARY);
+        check(dirty_crash, cut_off, SyncDecision::NoConsistentSource);
     }
 
     #[test]

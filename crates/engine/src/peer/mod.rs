@@ -975,6 +975,12 @@ impl Manager {
                 "node {} holds unrelated data (no common generation): refusing to connect; nothing was touched",
                 self.peer_name
             ))),
+            SyncDecision::NoConsistentSource => Err(PeerError::NotYet(format!(
+                "neither this node nor {} holds Consistent data to copy from (a resync was cut \
+                 off): nothing was touched. Promote the node whose data to keep with `blkmirror \
+                 primary --force`; it becomes the source",
+                self.peer_name
+            ))),
             SyncDecision::BothNew => Err(PeerError::NotYet(
                 "neither node has valid data yet: promote one with `blkmirror primary --force`".into(),
             )),
