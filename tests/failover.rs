@@ -284,6 +284,36 @@ async fn split_brain_is_resolved_by_discarding_one_side() {
     assert_eq!(res.status("beta")["disk_state"], "UpToDate");
 }
 
+/// `connect --discard-my-data` on a node promoted before any session used
+/// it discards nothing: the promotion calls it off (its clients' writes are
+/// not to be discarded), and the split brain stands, both data sets
+/// untouched, even once the node is demoted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_calls_off_discard_my_data() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, _beta) = synced_pair(&res);
+    let _work = split_brain(&res).await;
+    // Alpha stays StandAlone: no session uses the flag meanwhile.
+    res.ok("beta", &["connect", "--discard-my-data"]);
+    res.ok("beta", &["primary"]);
+    res.ok("beta", &["secondary"]);
+    let (alpha_before, beta_before) = (res.data_area("alpha"), res.data_area("beta"));
+    res.ok("alpha", &["connect"]);
+    res.wait_error("alpha", "split brain");
+    res.wait_error("beta", "split brain");
+    assert!(
+        res.data_area("beta") == beta_before,
+        "beta's changes were discarded"
+    );
+    assert!(
+        res.data_area("alpha") == alpha_before,
+        "alpha's data changed"
+    );
+}
+
 /// The opt-in `after-sb-0pri = "discard-least-changes"` resolves the same
 /// split brain by itself: beta changed less, so beta's changes go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -919,8 +919,9 @@ fn resync_converges_under_continuous_writes() {
 
 /// A stranger on a link port gets nowhere and harms nothing: garbage, a
 /// frame of another protocol version, and a frame announcing a 16 MiB
-/// payload before any handshake each end the connection at once. The
-/// listening node carries on, and the pair then connects as usual.
+/// payload before any handshake each end the connection at once (the
+/// other version is named in `last_error`). The listening node carries on,
+/// and the pair then connects as usual.
 #[test]
 fn bad_frames_on_a_link_are_refused_without_harm() {
     use std::io::{Read, Write};
@@ -980,6 +981,8 @@ fn bad_frames_on_a_link_are_refused_without_harm() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // A node of another release is worth the operator's attention.
+    res.wait_error("beta", "protocol version 99");
     let _alpha = res.up("alpha");
     res.ok("alpha", &["primary", "--force"]);
     res.wait_established("alpha");

@@ -276,6 +276,9 @@ impl ControlServer {
                 } else {
                     volume.promote(force).await
                 };
+                if result.is_ok() {
+                    peer.keep_my_data();
+                }
                 if let (Ok(()), Some(ublk)) = (&result, &self.ublk) {
                     if let Err(e) = ublk.start().await {
                         if let Err(demote) = volume.demote().await {
@@ -316,6 +319,7 @@ impl ControlServer {
                 }
             }
             Request::Disconnect => {
+                peer.keep_my_data();
                 peer.part();
                 volume.prepare_disconnect().await;
                 peer.disconnect();

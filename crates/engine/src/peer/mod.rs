@@ -218,6 +218,15 @@ impl Peer {
         }
     }
 
+    /// Calls off a `connect --discard-my-data` that no session has used
+    /// yet: the node was promoted (its clients' writes are not to be
+    /// discarded), or disconnected.
+    pub fn keep_my_data(&self) {
+        if self.discard_my_data.swap(false, Ordering::Relaxed) {
+            tracing::info!("`--discard-my-data` called off: this node's data is kept");
+        }
+    }
+
     /// Before a planned disconnection (`disconnect`, `down`): the current
     /// session goes on until it is settled, but no new one starts, so the
     /// peer's answer of ending it is not followed by a reconnection.
@@ -628,7 +637,10 @@ impl Manager {
         if join {
             local.flags |= HELLO_FLAG_JOIN;
         }
-        if self.peer.discard_my_data.load(Ordering::Relaxed) {
+        // (Never from a primary: its clients' writes are not discarded.)
+        if self.peer.discard_my_data.load(Ordering::Relaxed)
+            && self.volume.role() != crate::volume::Role::Primary
+        {
             local.flags |= HELLO_FLAG_DISCARD_MY_DATA;
         }
         if self.draining.load(Ordering::Relaxed) {
@@ -1688,8 +1700,11 @@ impl FrameReader {
     async fn read(&mut self) -> Result<ReceivedFrame, PeerError> {
         let mut header_bytes = [0u8; HEADER_BYTES];
         self.inner.read_exact(&mut header_bytes).await?;
-        let header =
-            FrameHeader::decode(&header_bytes).map_err(|e| PeerError::Wire(e.to_string()))?;
+        let header = FrameHeader::decode(&header_bytes).map_err(|e| match e {
+            // A node of another release: the operator is to hear of it.
+            blkmirror_proto::FrameError::UnsupportedVersion(_) => PeerError::Refused(e.to_string()),
+            e => PeerError::Wire(e.to_string()),
+        })?;
         if let Some(uuid) = self.volume_uuid {
             if header.volume_uuid != uuid {
                 return Err(PeerError::Wire("frame for another volume".into()));
