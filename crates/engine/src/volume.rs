@@ -2119,6 +2119,15 @@ mod tests {
         assert_eq!(after, before);
     }
 
+    /// Checks that the disk of `fresh_volume`, shut down, was left as a
+    /// primary's crash leaves it: the next start reads the activity log.
+    async fn assert_left_as_a_crash(dir: &std::path::Path) {
+        let reopened = reopen(dir).await;
+        let flags = reopened.state.lock().unwrap().superblock.flags;
+        assert!(!flags.contains(Flags::CLEAN_SHUTDOWN), "{flags:?}");
+        assert!(flags.contains(Flags::PRIMARY), "{flags:?}");
+    }
+
     /// A client with requests under way at shutdown (its connection
     /// stopped, its writes not) leaves the disk as a crash would.
     #[tokio::test]
@@ -2133,15 +2142,7 @@ mod tests {
         volume.detach();
         assert!(volume.clients_gone(waited).await);
         drop(volume);
-        let flags = reopen(dir.path())
-            .await
-            .state
-            .lock()
-            .unwrap()
-            .superblock
-            .flags;
-        assert!(!flags.contains(Flags::CLEAN_SHUTDOWN), "{flags:?}");
-        assert!(flags.contains(Flags::PRIMARY), "{flags:?}");
+        assert_left_as_a_crash(dir.path()).await;
     }
 
     /// A primary that steps down with a write its peer never answered
@@ -2200,15 +2201,7 @@ mod tests {
         volume.unanswered_writes.send_modify(|n| *n += 1);
         assert!(!volume.shutdown().await.unwrap(), "recorded as a crash");
         drop(volume);
-        let flags = reopen(dir.path())
-            .await
-            .state
-            .lock()
-            .unwrap()
-            .superblock
-            .flags;
-        assert!(!flags.contains(Flags::CLEAN_SHUTDOWN), "{flags:?}");
-        assert!(flags.contains(Flags::PRIMARY), "{flags:?}");
+        assert_left_as_a_crash(dir.path()).await;
     }
 
     /// A promotion and the news that the peer became primary are checked

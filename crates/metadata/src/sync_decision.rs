@@ -211,17 +211,22 @@ mod tests {
         check(side(5, 4, [3, 2]), side(9, 8, [7, 6]), Unrelated);
     }
 
+    /// A side from drawn identifiers (current, bitmap, history), crashed as
+    /// primary or not, Inconsistent or not.
+    fn drawn(ids: [u64; 4], crashed: bool, inconsistent: bool) -> SideState {
+        let mut s = side(ids[0], ids[1], [ids[2], ids[3]]);
+        s.flags.set(Flags::CRASHED_PRIMARY, crashed);
+        s.flags
+            .set(Flags::CONSISTENT | Flags::UP_TO_DATE, !inconsistent);
+        s
+    }
+
     proptest::proptest! {
         /// Both ends always reach the same verdict, whatever the identifiers
         /// (drawn from a small pool so that they collide often).
         #[test]
         fn both_ends_agree(a in proptest::array::uniform4(0u64..6), b in proptest::array::uniform4(0u64..6), ca: bool, cb: bool, ia: bool, ib: bool) {
-            let mut left = side(a[0], a[1], [a[2], a[3]]);
-            let mut right = side(b[0], b[1], [b[2], b[3]]);
-            left.flags.set(Flags::CRASHED_PRIMARY, ca);
-            right.flags.set(Flags::CRASHED_PRIMARY, cb);
-            left.flags.set(Flags::CONSISTENT | Flags::UP_TO_DATE, !ia);
-            right.flags.set(Flags::CONSISTENT | Flags::UP_TO_DATE, !ib);
+            let (left, right) = (drawn(a, ca, ia), drawn(b, cb, ib));
             proptest::prop_assert_eq!(decide(&left, &right), decide(&right, &left).mirrored());
         }
 
@@ -244,12 +249,7 @@ mod tests {
         /// Consistent, and so are two sides taken for in sync.
         #[test]
         fn a_source_is_always_consistent(a in proptest::array::uniform4(0u64..6), b in proptest::array::uniform4(0u64..6), ca: bool, cb: bool, ia: bool, ib: bool) {
-            let mut left = side(a[0], a[1], [a[2], a[3]]);
-            let mut right = side(b[0], b[1], [b[2], b[3]]);
-            left.flags.set(Flags::CRASHED_PRIMARY, ca);
-            right.flags.set(Flags::CRASHED_PRIMARY, cb);
-            left.flags.set(Flags::CONSISTENT | Flags::UP_TO_DATE, !ia);
-            right.flags.set(Flags::CONSISTENT | Flags::UP_TO_DATE, !ib);
+            let (left, right) = (drawn(a, ca, ia), drawn(b, cb, ib));
             let consistent = |s: &SideState| {
                 s.flags.contains(Flags::CONSISTENT) && !s.generations.is_just_created()
             };
