@@ -2028,17 +2028,26 @@ mod tests {
         expect_primary_before_the_write(&volume, &mut peer).await;
     }
 
+    /// A protocol A volume promoted with its peer's leave, the peer then
+    /// answering nothing; the session's ends come back to be kept open.
+    async fn primary_with_a_silent_peer(
+        dir: &std::path::Path,
+    ) -> (Arc<Volume>, (Arc<Channel>, Inbox, Arc<Channel>, Inbox)) {
+        let volume = fresh_volume_with(dir, Protocol::A).await;
+        let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
+        volume.session_began(link.clone());
+        volume.set_link(Some(link.clone()));
+        promote_granted(&volume, (&link, &mut answers), (&peer, &mut inbox)).await;
+        (volume, (link, answers, peer, inbox))
+    }
+
     /// A protocol A write the peer never answered is marked in the bitmap
     /// that a clean shutdown writes out, however late its answer task runs:
     /// the next start, which trusts that bitmap, resyncs it.
     #[tokio::test]
     async fn a_write_unanswered_at_shutdown_is_in_the_bitmap_written_out() {
         let dir = tempfile::tempdir().unwrap();
-        let volume = fresh_volume_with(dir.path(), Protocol::A).await;
-        let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
-        volume.session_began(link.clone());
-        volume.set_link(Some(link.clone()));
-        promote_granted(&volume, (&link, &mut answers), (&peer, &mut inbox)).await;
+        let (volume, _session) = primary_with_a_silent_peer(dir.path()).await;
         // From here on the peer answers nothing.
         volume
             .write(8192, AlignedBuf::from_slice(&[7; 4096]), false)
@@ -2152,11 +2161,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_unanswered_after_a_goodbye_starts_a_generation() {
         let dir = tempfile::tempdir().unwrap();
-        let volume = fresh_volume_with(dir.path(), Protocol::A).await;
-        let ((link, mut answers), (peer, mut inbox)) = peer::channel_pair(1).await;
-        volume.session_began(link.clone());
-        volume.set_link(Some(link.clone()));
-        promote_granted(&volume, (&link, &mut answers), (&peer, &mut inbox)).await;
+        let (volume, _session) = primary_with_a_silent_peer(dir.path()).await;
         let parted_at = volume.state.lock().unwrap().superblock.generations;
         // From here on the peer answers nothing.
         volume
