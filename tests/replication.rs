@@ -1123,6 +1123,33 @@ fn a_write_that_races_a_handshake_keeps_the_next_resync_differential() {
     assert_eq!(res.status("beta")["out_of_sync_bytes"], 8192);
 }
 
+/// A handshake that waited in the queue past the timeout (beta waited
+/// after a refusal meanwhile) opens no session: its Hellos may be stale,
+/// and the peer that sent them has given it up.
+#[test]
+fn a_handshake_queued_past_the_timeout_opens_no_session() {
+    let res = Resource::new();
+    let (beta, _) = beta_alone(&res);
+    // Refused: beta waits (10 s) before it takes the next handshake.
+    let mut refused = FakeAlpha::connect(&res, |hello| {
+        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
+        hello.data_size += 1 << 20;
+    });
+    while refused.next().is_some() {}
+    res.wait_error("beta", "size");
+    let mut queued = FakeAlpha::connect(&res, |hello| {
+        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
+    });
+    // Longer than beta's wait: what ends it is beta closing the connection.
+    queued
+        .stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let heard = queued.next();
+    assert!(heard.is_none(), "a session opened: beta sent {heard:?}");
+    assert!(beta.log().contains("a handshake too old"), "{}", beta.log());
+}
+
 /// Resync frames from a peer that is not the sync source are refused: the
 /// data would overwrite beta's unmarked, and the end would make beta take
 /// the peer's generation as its own. Beta's data and metadata are untouched.

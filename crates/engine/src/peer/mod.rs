@@ -407,6 +407,9 @@ struct Arrival {
     writer: BufWriter<OwnedWriteHalf>,
     local: Hello,
     remote: Hello,
+    /// When the handshake ended: a peer that hears nothing for its timeout
+    /// after it has given the session up.
+    at: Instant,
 }
 
 impl Manager {
@@ -684,6 +687,7 @@ impl Manager {
             writer,
             local,
             remote,
+            at: Instant::now(),
         })
     }
 
@@ -737,6 +741,15 @@ impl Manager {
                     .await
                     .expect("acceptors live as long as the manager"),
             };
+            if arrival.at.elapsed() > self.timeout {
+                // (Queued while an attempt failed, say.) Its Hellos may be
+                // stale, and nothing is to be recorded from them.
+                tracing::info!(
+                    link = arrival.index,
+                    "a handshake too old to open a session (the peer has given it up); dropped"
+                );
+                continue;
+            }
             if arrival.remote.flags & HELLO_FLAG_JOIN == 0 {
                 break arrival;
             }
