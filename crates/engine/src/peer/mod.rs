@@ -693,29 +693,41 @@ impl Manager {
 
     /// The connecting side: the first link to answer opens a new session.
     async fn connector_session(self: &Arc<Self>) -> Result<(), PeerError> {
-        let session = blkmirror_metadata::fresh_generation().max(1);
-        // Every link tries at once; the first through its handshake opens
-        // the session (the peer takes any other one that gets through with
-        // the same session number as joining it).
-        let mut attempts = tokio::task::JoinSet::new();
+        // Every link dials at once, but one handshake at a time opens the
+        // session, on the first link to connect: the peer decides from the
+        // Hellos of the handshake that opens it, and so must this node.
+        // Two handshakes at once could carry different Hellos (a write or
+        // a promotion in between) and the two nodes decide from different
+        // ones. The other links join once the session is open.
+        let mut dials = tokio::task::JoinSet::new();
         for index in 0..self.peer_links.len() {
             let me = self.clone();
-            attempts.spawn(async move {
-                let stream = me.dial(index).await?;
-                me.link_handshake(index, stream, session, false).await
-            });
+            dials.spawn(async move { (index, me.dial(index).await) });
         }
-        let mut failure = None;
-        let first = loop {
-            match attempts.join_next().await {
-                Some(Ok(Ok(arrival))) => break arrival,
-                // A refusal says more than a link that is merely down.
-                Some(Ok(Err(e))) => {
-                    if !matches!(failure, Some(PeerError::Refused(_))) {
-                        failure = Some(e);
+        // A refusal says more than a link that is merely down.
+        let mut failure: Option<PeerError> = None;
+        let failed = |e: PeerError, failure: &mut Option<PeerError>| {
+            if !matches!(failure, Some(PeerError::Refused(_))) {
+                *failure = Some(e);
+            }
+        };
+        let (first, session) = loop {
+            match dials.join_next().await {
+                Some(Ok((index, Ok(stream)))) => {
+                    // A session number of its own: should the peer have
+                    // finished this handshake as this node gave it up, it
+                    // takes the next one for a new session, not a join.
+                    let session = blkmirror_metadata::fresh_generation().max(1);
+                    match self.link_handshake(index, stream, session, false).await {
+                        Ok(arrival) => break (arrival, session),
+                        Err(e) => failed(e, &mut failure),
                     }
                 }
-                Some(Err(e)) => failure = Some(PeerError::Wire(format!("link task failed: {e}"))),
+                Some(Ok((_, Err(e)))) => failed(e, &mut failure),
+                Some(Err(e)) => failed(
+                    PeerError::Wire(format!("link task failed: {e}")),
+                    &mut failure,
+                ),
                 None => {
                     return Err(
                         failure.unwrap_or_else(|| PeerError::Wire("no link configured".into()))
@@ -723,7 +735,7 @@ impl Manager {
                 }
             }
         };
-        drop(attempts);
+        drop(dials);
         self.session(first, session, None).await
     }
 
