@@ -332,9 +332,12 @@ async fn acknowledged_writes_survive_a_killed_primary() {
     const KILL_AFTER: Duration = Duration::from_millis(1500);
     let res = Resource::new();
     let (mut alpha, _beta) = synced_pair(&res);
+    // Writes sent and not yet answered, over all clients.
+    let outstanding = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writers: Vec<_> = (0..CLIENTS)
         .map(|c| {
             let socket = res.nbd_socket("alpha");
+            let outstanding = outstanding.clone();
             tokio::spawn(async move {
                 let mut client = blkmirror_nbd::Client::connect_unix(&socket, RESOURCE)
                     .await
@@ -347,7 +350,10 @@ async fn acknowledged_writes_survive_a_killed_primary() {
                     data[..8].copy_from_slice(&block.to_le_bytes());
                     data[8..16].copy_from_slice(&version.to_le_bytes());
                     let sent = Instant::now();
-                    match client.write(block * 4096, &data, false).await {
+                    outstanding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let written = client.write(block * 4096, &data, false).await;
+                    outstanding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    match written {
                         Ok(()) => acked.push((block, version)),
                         // The primary is gone: when was the failed write sent?
                         Err(_) => return (acked, Some(sent)),
@@ -358,6 +364,14 @@ async fn acknowledged_writes_survive_a_killed_primary() {
         })
         .collect();
     tokio::time::sleep(KILL_AFTER).await;
+    // At a moment when every client waits for an answer: the peer answers
+    // them together, so they also stand between two writes together.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while outstanding.load(std::sync::atomic::Ordering::SeqCst) < CLIENTS as usize
+        && Instant::now() < deadline
+    {
+        std::hint::spin_loop();
+    }
     let killing = Instant::now();
     alpha.child.kill().unwrap();
     let mut acked = vec![0u64; BLOCKS as usize];
