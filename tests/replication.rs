@@ -1006,6 +1006,11 @@ fn bad_frames_on_a_link_are_refused_without_harm() {
 
 /// The address of `node`'s first link, from the resource's config.
 fn first_link(res: &Resource, node: &str) -> String {
+    links(res, node).swap_remove(0)
+}
+
+/// The addresses of `node`'s links, from the resource's config.
+fn links(res: &Resource, node: &str) -> Vec<String> {
     let config = std::fs::read_to_string(&res.config).unwrap();
     let section = config.split(&format!("[nodes.{node}]")).nth(1).unwrap();
     section
@@ -1013,7 +1018,68 @@ fn first_link(res: &Resource, node: &str) -> String {
         .find_map(|l| l.strip_prefix("links = [\""))
         .and_then(|l| l.strip_suffix("\"]"))
         .unwrap()
-        .to_string()
+        .split("\", \"")
+        .map(str::to_string)
+        .collect()
+}
+
+/// With two links, alpha opens a session by one handshake at a time: were
+/// both links' Hellos in flight at once, each built at its own moment, the
+/// two nodes could decide from different ones. A stand-in for beta that
+/// listens on both links and answers nothing sees one Hello, and a second
+/// (for a session of its own) only once the first handshake has timed out.
+#[test]
+fn a_session_opens_by_one_handshake_at_a_time() {
+    use std::io::Read;
+    let res = Resource::new();
+    res.add_second_link();
+    res.ok("alpha", &["create-md"]);
+    let listeners: Vec<_> = links(&res, "beta")
+        .iter()
+        .map(|at| std::net::TcpListener::bind(at).unwrap())
+        .collect();
+    let _alpha = res.up("alpha");
+    let start = std::time::Instant::now();
+    let hellos = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for listener in &listeners {
+            let hellos = &hellos;
+            scope.spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                stream
+                    .set_read_timeout(Some(std::time::Duration::from_secs(6)))
+                    .unwrap();
+                let mut received = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    received.extend_from_slice(&buf[..n]);
+                    let decoded = blkmirror_proto::decode_frame(&received).unwrap();
+                    if let Some((_, blkmirror_proto::Message::Hello(hello), _)) = decoded {
+                        hellos
+                            .lock()
+                            .unwrap()
+                            .push((start.elapsed(), hello.session));
+                        // Held open, unanswered, until both are in.
+                        while hellos.lock().unwrap().len() < 2
+                            && start.elapsed() < std::time::Duration::from_secs(10)
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut hellos = hellos.into_inner().unwrap();
+    hellos.sort();
+    assert_eq!(hellos.len(), 2, "{hellos:?}");
+    let ((first, first_session), (second, second_session)) = (hellos[0], hellos[1]);
+    assert!(
+        second - first >= std::time::Duration::from_secs(1),
+        "two handshakes at once: {hellos:?}"
+    );
+    assert_ne!(first_session, second_session);
 }
 
 /// A stand-in for alpha that speaks the wire protocol by hand: it passes
