@@ -987,12 +987,7 @@ impl Volume {
         if let Err(e) = local {
             // (The store closing at shutdown, say.) The peer may have what
             // this disk has not: the range differs, whatever it answers.
-            let seq = match &remote {
-                Ok(PeerHalf::Answered { seq, .. }) => *seq,
-                Ok(PeerHalf::Pending(reply)) => reply.seq(),
-                Err(Lost) => 0,
-            };
-            self.peer_result(link, seq, write, Err(Lost))?;
+            self.peer_result(link, 0, write, Err(Lost))?;
             return Err(e);
         }
         match remote {

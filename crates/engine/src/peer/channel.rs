@@ -1221,12 +1221,8 @@ pub(crate) mod tests {
         // Answered writes keep the session well past the deadline.
         let start = Instant::now();
         while start.elapsed() < deadline * 2 {
-            let reply = a.enqueue(&write(1)).await.unwrap();
-            let (seq, _) = b_inbox.next().await.unwrap();
-            b.acknowledge(seq, AckKind::Written, 0).await;
-            let (arrived, _) = answers(&mut a_inbox, 1).await;
-            a.answer(&arrived);
-            let answer = tokio::time::timeout(Duration::from_secs(10), reply.written()).await;
+            let answered = answered_write((&a, &mut a_inbox), (&b, &mut b_inbox));
+            let answer = tokio::time::timeout(Duration::from_secs(10), answered).await;
             assert_eq!(answer.expect("answered in time").unwrap(), 0);
             tokio::time::sleep(timeout / 2).await;
         }
@@ -1261,14 +1257,7 @@ pub(crate) mod tests {
         assert!(matches!(message, Message::Barrier { .. }), "{message:?}");
         // Writes after it are answered all along.
         while !a.is_closed() && start.elapsed() < deadline * 3 {
-            let Ok(reply) = a.enqueue(&write(1)).await else {
-                break;
-            };
-            let (seq, _) = b_inbox.next().await.unwrap();
-            b.acknowledge(seq, AckKind::Written, 0).await;
-            let (arrived, _) = answers(&mut a_inbox, 1).await;
-            a.answer(&arrived);
-            let _ = reply.written().await;
+            let _ = answered_write((&a, &mut a_inbox), (&b, &mut b_inbox)).await;
             tokio::time::sleep(timeout / 4).await;
         }
         let barrier = tokio::time::timeout(Duration::from_secs(10), barrier).await;
@@ -1296,12 +1285,9 @@ pub(crate) mod tests {
         // Later writes are answered, so the peer is seen alive.
         let start = Instant::now();
         while start.elapsed() < deadline * 2 {
-            let reply = a.enqueue(&write(2)).await.unwrap();
-            let (seq, _) = b_inbox.next().await.unwrap();
-            b.acknowledge(seq, AckKind::Written, 0).await;
-            let (arrived, _) = answers(&mut a_inbox, 1).await;
-            a.answer(&arrived);
-            reply.written().await.unwrap();
+            answered_write((&a, &mut a_inbox), (&b, &mut b_inbox))
+                .await
+                .unwrap();
             tokio::time::sleep(timeout / 4).await;
         }
         for seq in [slow_seq, barrier_seq] {
@@ -1397,6 +1383,20 @@ pub(crate) mod tests {
         .await
         .expect("the sender gives up");
         assert!(b.acks.lock().unwrap().entries.is_empty());
+    }
+
+    /// Sends a write from `a` that `b` answers at once with 0; `a`'s answer
+    /// (`Lost` if `a` is closed before).
+    async fn answered_write(
+        (a, a_inbox): (&Channel, &mut Inbox),
+        (b, b_inbox): (&Arc<Channel>, &mut Inbox),
+    ) -> Result<u32, Lost> {
+        let reply = a.enqueue(&write(1)).await?;
+        let (seq, _) = b_inbox.next().await.unwrap();
+        b.acknowledge(seq, AckKind::Written, 0).await;
+        let (arrived, _) = answers(a_inbox, 1).await;
+        a.answer(&arrived);
+        reply.written().await
     }
 
     /// Receives Acks until `count` answers have come: the answers, and how
