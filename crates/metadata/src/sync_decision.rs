@@ -19,6 +19,14 @@ pub struct SideState {
     pub flags: Flags,
 }
 
+impl SideState {
+    /// Whether this side holds a valid data set: not a resync target cut
+    /// off (Inconsistent), nor a new disk, whatever its flags.
+    fn is_consistent(&self) -> bool {
+        self.flags.contains(Flags::CONSISTENT) && !self.generations.is_just_created()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncDecision {
     /// Same generation: nothing to copy beyond what either bitmap holds.
@@ -71,9 +79,7 @@ pub fn decide(local: &SideState, peer: &SideState) -> SyncDecision {
     // target of a resolved split brain may have lost power before it
     // recorded the end, after the source had). A consistent side that
     // shares history with it copies everything.
-    // (A new disk has no data, whatever its flags.)
-    let consistent =
-        |s: &SideState| s.flags.contains(Flags::CONSISTENT) && !s.generations.is_just_created();
+    let consistent = SideState::is_consistent;
     let decision = match (consistent(local), consistent(peer), decision) {
         (
             true,
@@ -116,8 +122,7 @@ fn decide_by_generations(local: &SideState, peer: &SideState) -> SyncDecision {
         // Same data generation. A resync target that was cut off before the
         // source said it was done is Inconsistent still, even when nothing
         // is left to copy: the consistent side is the source.
-        let consistent = |s: &SideState| s.flags.contains(Flags::CONSISTENT);
-        match (consistent(local), consistent(peer)) {
+        match (local.is_consistent(), peer.is_consistent()) {
             (true, false) => return SyncDecision::SourceDifferential,
             (false, true) => return SyncDecision::TargetDifferential,
             _ => {}
