@@ -472,20 +472,19 @@ where
                 // reported below), requests already started still run to
                 // the end: a write stopped halfway could reach one disk of
                 // the mirror and not the other.
-                // Behind replies already waiting, so none is overtaken.
-                let sent = if client_gone {
-                    Ok(())
-                } else if unsent.is_empty() {
-                    replies.try_send(done)
+                if client_gone {
+                    // Nobody reads the reply: dropped.
+                } else if !unsent.is_empty() {
+                    // Behind replies already waiting, so none is overtaken.
+                    unsent.push_back(done);
                 } else {
-                    Err(mpsc::error::TrySendError::Full(done))
-                };
-                match sent {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(done)) => unsent.push_back(done),
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        client_gone = true;
-                        accepting = false;
+                    match replies.try_send(done) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(done)) => unsent.push_back(done),
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            client_gone = true;
+                            accepting = false;
+                        }
                     }
                 }
             }
