@@ -1167,6 +1167,12 @@ impl FakeAlpha {
     }
 }
 
+/// Makes the fake alpha's copy of beta's Hello say secondary, whatever
+/// beta is.
+fn as_secondary(hello: &mut blkmirror_proto::Hello) {
+    hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
+}
+
 /// A pair in sync with alpha down: beta waits for a peer, and its
 /// generations, to compare after a fake alpha had its say.
 fn beta_alone(res: &Resource) -> (NodeProcess, serde_json::Value) {
@@ -1188,13 +1194,9 @@ fn a_write_that_races_a_handshake_keeps_the_next_resync_differential() {
     let res = Resource::new();
     let (_beta, generations) = beta_alone(&res);
     res.ok("beta", &["primary"]);
-    let mut fake = FakeAlpha::connect_after(
-        &res,
-        |hello| hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits(),
-        || {
-            res.qemu_io("beta", &["write -P 0x21 0 4k"]);
-        },
-    );
+    let mut fake = FakeAlpha::connect_after(&res, as_secondary, || {
+        res.qemu_io("beta", &["write -P 0x21 0 4k"]);
+    });
     while fake.next().is_some() {}
     res.wait_error("beta", "writes raced the handshake");
     res.qemu_io("beta", &["write -P 0x22 1M 4k"]);
@@ -1212,14 +1214,12 @@ fn a_handshake_queued_past_the_timeout_opens_no_session() {
     let (beta, _) = beta_alone(&res);
     // Refused: beta waits (10 s) before it takes the next handshake.
     let mut refused = FakeAlpha::connect(&res, |hello| {
-        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
+        as_secondary(hello);
         hello.data_size += 1 << 20;
     });
     while refused.next().is_some() {}
     res.wait_error("beta", "size");
-    let mut queued = FakeAlpha::connect(&res, |hello| {
-        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
-    });
+    let mut queued = FakeAlpha::connect(&res, as_secondary);
     // Longer than beta's wait: what ends it is beta closing the connection.
     queued
         .stream
@@ -1406,9 +1406,7 @@ fn nodes_promoted_at_once_never_both_become_primary() {
 fn a_promotion_request_is_granted_only_by_a_secondary() {
     let res = Resource::new();
     let (_beta, _) = beta_alone(&res);
-    let mut fake = FakeAlpha::connect(&res, |hello| {
-        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
-    });
+    let mut fake = FakeAlpha::connect(&res, as_secondary);
     fake.send(1, &blkmirror_proto::Message::PromoteAsk);
     assert_eq!(fake.answer(1), 0, "a secondary lets its peer be promoted");
     drop(fake);
@@ -1416,9 +1414,7 @@ fn a_promotion_request_is_granted_only_by_a_secondary() {
         s["connection"] != "Connected"
     });
     res.ok("beta", &["primary"]);
-    let mut fake = FakeAlpha::connect(&res, |hello| {
-        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
-    });
+    let mut fake = FakeAlpha::connect(&res, as_secondary);
     fake.send(1, &blkmirror_proto::Message::PromoteAsk);
     assert_ne!(fake.answer(1), 0, "a primary refuses a second primary");
     fake.send(2, &blkmirror_proto::Message::Barrier { epoch: 1 });
@@ -1433,9 +1429,7 @@ fn a_peer_that_becomes_primary_beside_a_primary_is_refused() {
     let res = Resource::new();
     let (_beta, _) = beta_alone(&res);
     res.ok("beta", &["primary"]);
-    let mut fake = FakeAlpha::connect(&res, |hello| {
-        hello.flags &= !blkmirror_metadata::Flags::PRIMARY.bits();
-    });
+    let mut fake = FakeAlpha::connect(&res, as_secondary);
     let primary = blkmirror_proto::Message::State {
         role: 1,
         disk_state: 0,
