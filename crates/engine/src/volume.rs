@@ -1790,24 +1790,34 @@ mod tests {
     ) -> Result<(), Error> {
         let answer = async {
             for &errno in errnos {
-                let asked = tokio::time::timeout(std::time::Duration::from_secs(10), inbox.next());
-                let (seq, asked) = asked.await.expect("the peer was never asked").unwrap();
-                assert!(
-                    matches!(asked, Message::PromoteAsk),
-                    "the peer is first asked, not sent a frame of kind {}",
-                    asked.kind()
-                );
-                peer.acknowledge(seq, blkmirror_proto::AckKind::Written, errno)
-                    .await;
-                let (_, answered) = answers.next().await.unwrap();
-                let Message::Ack { entries } = answered else {
-                    panic!("a frame of kind {} instead of the answer", answered.kind());
-                };
-                link.answer(&entries);
+                answer_the_ask((link, &mut *answers), (peer, &mut *inbox), errno).await;
             }
         };
         let (promoted, ()) = tokio::join!(volume.promote(true), answer);
         promoted
+    }
+
+    /// The peer takes the next promotion request on `link` and answers it
+    /// with `errno`; the answer reaches `link`, whose inbox is `answers`.
+    async fn answer_the_ask(
+        (link, answers): (&Channel, &mut Inbox),
+        (peer, inbox): (&Arc<Channel>, &mut Inbox),
+        errno: u32,
+    ) {
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(10), inbox.next());
+        let (seq, asked) = asked.await.expect("the peer was never asked").unwrap();
+        assert!(
+            matches!(asked, Message::PromoteAsk),
+            "the peer is first asked, not sent a frame of kind {}",
+            asked.kind()
+        );
+        peer.acknowledge(seq, blkmirror_proto::AckKind::Written, errno)
+            .await;
+        let (_, answered) = answers.next().await.unwrap();
+        let Message::Ack { entries } = answered else {
+            panic!("a frame of kind {} instead of the answer", answered.kind());
+        };
+        link.answer(&entries);
     }
 
     async fn promote_granted(
@@ -1886,14 +1896,8 @@ mod tests {
         volume.session_began(link.clone());
         let answering_collided = async {
             loop {
-                let (seq, asked) = inbox.next().await.unwrap();
-                assert!(matches!(asked, Message::PromoteAsk), "{}", asked.kind());
-                peer.acknowledge(seq, blkmirror_proto::AckKind::Written, PROMOTION_COLLIDED)
-                    .await;
-                let (_, Message::Ack { entries }) = answers.next().await.unwrap() else {
-                    panic!("no answer");
-                };
-                link.answer(&entries);
+                let (link, peer) = ((&*link, &mut answers), (&peer, &mut inbox));
+                answer_the_ask(link, peer, PROMOTION_COLLIDED).await;
             }
         };
         let refused = tokio::time::timeout(link.timeout() * 3, async {
