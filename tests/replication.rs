@@ -1089,6 +1089,8 @@ struct FakeAlpha {
     stream: std::net::TcpStream,
     uuid: [u8; 16],
     received: Vec<u8>,
+    /// The Hello beta sent.
+    beta: blkmirror_proto::Hello,
 }
 
 impl FakeAlpha {
@@ -1108,15 +1110,17 @@ impl FakeAlpha {
         stream
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
-        let mut fake = FakeAlpha {
-            stream,
-            uuid: [0; 16],
-            received: Vec::new(),
-        };
-        let Some(blkmirror_proto::Message::Hello(beta)) = fake.next() else {
+        let mut received = Vec::new();
+        let Some((_, blkmirror_proto::Message::Hello(beta))) = next_frame(&stream, &mut received)
+        else {
             panic!("beta did not say Hello");
         };
-        fake.uuid = beta.volume_uuid;
+        let mut fake = FakeAlpha {
+            stream,
+            uuid: beta.volume_uuid,
+            received,
+            beta: beta.clone(),
+        };
         let mut alpha = blkmirror_proto::Hello {
             node_name: "alpha".into(),
             session: 7,
@@ -1151,18 +1155,48 @@ impl FakeAlpha {
 
     /// The next message from beta; `None` once it closed the connection.
     fn next(&mut self) -> Option<blkmirror_proto::Message> {
-        use std::io::Read;
+        next_frame(&self.stream, &mut self.received).map(|(_, message)| message)
+    }
+
+    /// Says yes, in frame `seq`, to beta's request to become primary,
+    /// answering its pings until it comes.
+    fn grant_promotion(&mut self, seq: u64) {
+        use blkmirror_proto::Message;
         loop {
-            if let Some((_, message, used)) = blkmirror_proto::decode_frame(&self.received).unwrap()
-            {
-                self.received.drain(..used);
-                return Some(message);
+            match next_frame(&self.stream, &mut self.received) {
+                Some((asked, Message::PromoteAsk)) => {
+                    let yes = blkmirror_proto::AckEntry {
+                        seq: asked,
+                        kind: blkmirror_proto::AckKind::Written,
+                        errno: 0,
+                    };
+                    self.send(seq, &Message::Ack { entries: vec![yes] });
+                    return;
+                }
+                Some((_, Message::Ping { token })) => self.send(0, &Message::Pong { token }),
+                Some(_) => {}
+                None => panic!("beta ended the session before it asked"),
             }
-            let mut buf = [0u8; 65536];
-            match self.stream.read(&mut buf) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.received.extend_from_slice(&buf[..n]),
-            }
+        }
+    }
+}
+
+/// The next frame on `stream` (its sequence number and message),
+/// `received` holding what came before it.
+fn next_frame(
+    mut stream: &std::net::TcpStream,
+    received: &mut Vec<u8>,
+) -> Option<(u64, blkmirror_proto::Message)> {
+    use std::io::Read;
+    loop {
+        if let Some((header, message, used)) = blkmirror_proto::decode_frame(received).unwrap() {
+            received.drain(..used);
+            return Some((header.sequence, message));
+        }
+        let mut buf = [0u8; 65536];
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
         }
     }
 }
@@ -1228,6 +1262,41 @@ fn a_handshake_queued_past_the_timeout_opens_no_session() {
     let heard = queued.next();
     assert!(heard.is_none(), "a session opened: beta sent {heard:?}");
     assert!(beta.log().contains("a handshake too old"), "{}", beta.log());
+}
+
+/// A handshake made while a session is open (the peer started over) ends
+/// that session and opens none: beta's Hello in it was built before what
+/// happened since. Here beta was promoted in between, and that Hello says
+/// secondary; the handshake after says primary, and opens a session.
+#[test]
+fn a_handshake_made_during_a_session_opens_none() {
+    let res = Resource::new();
+    let (_beta, _) = beta_alone(&res);
+    let mut first = FakeAlpha::connect(&res, as_secondary);
+    res.wait_status("beta", "connected", |s| s["replication"] == "Established");
+    let primary = blkmirror_metadata::Flags::PRIMARY.bits();
+    let mut second = FakeAlpha::connect_after(
+        &res,
+        |hello| {
+            as_secondary(hello);
+            hello.session = 8;
+        },
+        || {
+            std::thread::scope(|scope| {
+                scope.spawn(|| first.grant_promotion(1));
+                res.ok("beta", &["primary"]);
+            })
+        },
+    );
+    assert_eq!(second.beta.flags & primary, 0, "built before the promotion");
+    let heard = second.next();
+    assert!(heard.is_none(), "a session opened: beta sent {heard:?}");
+    let mut third = FakeAlpha::connect(&res, |hello| {
+        as_secondary(hello);
+        hello.session = 9;
+    });
+    assert_ne!(third.beta.flags & primary, 0);
+    assert!(third.next().is_some(), "no session opened");
 }
 
 /// Resync frames from a peer that is not the sync source are refused: the

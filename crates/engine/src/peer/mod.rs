@@ -13,7 +13,7 @@ mod resync;
 mod split_brain;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -377,6 +377,7 @@ pub fn spawn(
         after_sb_0pri: config.after_sb_0pri,
         last_load: Mutex::new(None),
         draining: AtomicBool::new(false),
+        session_changes: AtomicU64::new(0),
     });
     tokio::spawn(manager.run(stop));
     peer
@@ -398,6 +399,10 @@ struct Manager {
     /// Set while the last session's writes have not reached the disk: no
     /// link handshake is accepted until they have.
     draining: AtomicBool,
+    /// Sessions opened and ended so far, counted together (odd while one
+    /// is open). A handshake opens a session only if this has not moved
+    /// since its Hello was built: the Hellos say what this node is now.
+    session_changes: AtomicU64,
 }
 
 /// A link connection that has passed its handshake.
@@ -410,6 +415,8 @@ struct Arrival {
     /// When the handshake ended: a peer that hears nothing for its timeout
     /// after it has given the session up.
     at: Instant,
+    /// `Manager::session_changes` as this node's Hello was built.
+    session_changes: u64,
 }
 
 impl Manager {
@@ -441,7 +448,6 @@ impl Manager {
             }
             arrivals = Some(rx);
         }
-        let mut carried: Option<Arrival> = None;
         let mut delay = RECONNECT_DELAY_MIN;
         let mut wanted = self.peer.wanted.subscribe();
         loop {
@@ -459,7 +465,6 @@ impl Manager {
                 self.peer
                     .set(|s| s.connection = ConnectionState::Connecting);
                 delay = RECONNECT_DELAY_MIN;
-                carried = None;
             }
             if self.peer.parting.load(Ordering::Relaxed) {
                 // A planned disconnection: `disconnect` or shutdown follows
@@ -473,7 +478,7 @@ impl Manager {
             let attempt = async {
                 match arrivals.as_mut() {
                     None => self.connector_session().await,
-                    Some(arrivals) => self.acceptor_session(arrivals, &mut carried).await,
+                    Some(arrivals) => self.acceptor_session(arrivals).await,
                 }
             };
             let outcome = tokio::select! {
@@ -497,6 +502,10 @@ impl Manager {
                 // A session was up: the next attempt starts from the
                 // shortest delay again.
                 delay = RECONNECT_DELAY_MIN;
+            }
+            if self.session_changes.load(Ordering::SeqCst) % 2 == 1 {
+                // Its end is recorded: handshakes from now on say so.
+                self.session_changes.fetch_add(1, Ordering::SeqCst);
             }
             let retry_after = match &outcome {
                 Err(PeerError::Refused(reason)) => {
@@ -538,7 +547,6 @@ impl Manager {
                 if waited {
                     // Connections that came during the wait bring handshakes
                     // from then: the peer dials again.
-                    carried = None;
                     if let Some(arrivals) = arrivals.as_mut() {
                         while arrivals.try_recv().is_ok() {}
                     }
@@ -635,6 +643,7 @@ impl Manager {
             self.timeout,
         );
         let mut writer = BufWriter::with_capacity(256 * 1024, write_half);
+        let session_changes = self.session_changes.load(Ordering::SeqCst);
         let mut local = self.volume.hello(index as u8);
         local.session = session;
         if join {
@@ -688,6 +697,7 @@ impl Manager {
             local,
             remote,
             at: Instant::now(),
+            session_changes,
         })
     }
 
@@ -743,16 +753,22 @@ impl Manager {
     async fn acceptor_session(
         self: &Arc<Self>,
         arrivals: &mut mpsc::Receiver<Arrival>,
-        carried: &mut Option<Arrival>,
     ) -> Result<(), PeerError> {
         let first = loop {
-            let arrival = match carried.take() {
-                Some(arrival) => arrival,
-                None => arrivals
-                    .recv()
-                    .await
-                    .expect("acceptors live as long as the manager"),
-            };
+            let arrival = arrivals
+                .recv()
+                .await
+                .expect("acceptors live as long as the manager");
+            if arrival.session_changes != self.session_changes.load(Ordering::SeqCst) {
+                // Its Hello was built while the last session was open, and
+                // says nothing of what that session's end recorded. The
+                // peer, finding the connection closed, dials again.
+                tracing::info!(
+                    link = arrival.index,
+                    "a handshake made while the last session was open; dropped"
+                );
+                continue;
+            }
             if arrival.at.elapsed() > self.timeout {
                 // (Queued while an attempt failed, say.) Its Hellos may be
                 // stale, and nothing is to be recorded from them.
@@ -771,8 +787,7 @@ impl Manager {
             );
         };
         let session = first.remote.session;
-        self.session(first, session, Some((arrivals, carried)))
-            .await
+        self.session(first, session, Some(arrivals)).await
     }
 
     /// One session, from the handshake on its first link until every link
@@ -781,8 +796,9 @@ impl Manager {
         self: &Arc<Self>,
         mut first: Arrival,
         session: u64,
-        arrivals: Option<(&mut mpsc::Receiver<Arrival>, &mut Option<Arrival>)>,
+        arrivals: Option<&mut mpsc::Receiver<Arrival>>,
     ) -> Result<(), PeerError> {
+        self.session_changes.fetch_add(1, Ordering::SeqCst);
         if self.peer.parting.load(Ordering::Relaxed) {
             // A handshake that was under way as the operator disconnected.
             return Err(PeerError::NotYet("this node is disconnecting".into()));
@@ -838,7 +854,7 @@ impl Manager {
             Vec::new()
         };
         let run = self.connected(inbox, &channel, decision, u64::from(remote.granularity));
-        let Some((arrivals, carried)) = arrivals else {
+        let Some(arrivals) = arrivals else {
             return run.await;
         };
         tokio::pin!(run);
@@ -847,9 +863,9 @@ impl Manager {
                 outcome = &mut run => return outcome,
                 arrival = arrivals.recv() => {
                     let mut arrival = arrival.expect("acceptors live as long as the manager");
-                    // Another session number: the peer started over.
+                    // Another session number: the peer started over. This
+                    // connection opens nothing (see `session_changes`).
                     if arrival.remote.flags & HELLO_FLAG_JOIN == 0 && arrival.remote.session != session {
-                        *carried = Some(arrival);
                         return Err(PeerError::Superseded);
                     }
                     if arrival.remote.session != session
