@@ -1158,24 +1158,24 @@ impl FakeAlpha {
         next_frame(&self.stream, &mut self.received).map(|(_, message)| message)
     }
 
-    /// Says yes, in frame `seq`, to beta's request to become primary,
-    /// answering its pings until it comes.
-    fn grant_promotion(&mut self, seq: u64) {
+    /// Plays an idle secondary until beta closes the connection: answers
+    /// its pings, and says yes when it asks to become primary.
+    fn play_secondary(mut self) {
         use blkmirror_proto::Message;
-        loop {
-            match next_frame(&self.stream, &mut self.received) {
-                Some((asked, Message::PromoteAsk)) => {
+        let mut sent = 0;
+        while let Some((seq, message)) = next_frame(&self.stream, &mut self.received) {
+            match message {
+                Message::PromoteAsk => {
                     let yes = blkmirror_proto::AckEntry {
-                        seq: asked,
+                        seq,
                         kind: blkmirror_proto::AckKind::Written,
                         errno: 0,
                     };
-                    self.send(seq, &Message::Ack { entries: vec![yes] });
-                    return;
+                    sent += 1;
+                    self.send(sent, &Message::Ack { entries: vec![yes] });
                 }
-                Some((_, Message::Ping { token })) => self.send(0, &Message::Pong { token }),
-                Some(_) => {}
-                None => panic!("beta ended the session before it asked"),
+                Message::Ping { token } => self.send(0, &Message::Pong { token }),
+                _ => {}
             }
         }
     }
@@ -1264,39 +1264,93 @@ fn a_handshake_queued_past_the_timeout_opens_no_session() {
     assert!(beta.log().contains("a handshake too old"), "{}", beta.log());
 }
 
-/// A handshake made while a session is open (the peer started over) ends
-/// that session and opens none: beta's Hello in it was built before what
-/// happened since. Here beta was promoted in between, and that Hello says
-/// secondary; the handshake after says primary, and opens a session.
+/// A handshake that starts a new session while one is open (the peer
+/// started over) ends that session and opens none: beta's Hello in it was
+/// built before what happened since. Here beta was promoted in between,
+/// and that Hello says secondary.
 #[test]
-fn a_handshake_made_during_a_session_opens_none() {
+fn a_handshake_that_starts_over_opens_no_session() {
     let res = Resource::new();
-    let (_beta, _) = beta_alone(&res);
-    let mut first = FakeAlpha::connect(&res, as_secondary);
+    let (beta, _) = beta_alone(&res);
+    let first = FakeAlpha::connect(&res, as_secondary);
     res.wait_status("beta", "connected", |s| s["replication"] == "Established");
-    let primary = blkmirror_metadata::Flags::PRIMARY.bits();
-    let mut second = FakeAlpha::connect_after(
-        &res,
-        |hello| {
-            as_secondary(hello);
-            hello.session = 8;
-        },
-        || {
-            std::thread::scope(|scope| {
-                scope.spawn(|| first.grant_promotion(1));
+    std::thread::scope(|scope| {
+        scope.spawn(|| first.play_secondary());
+        let mut second = FakeAlpha::connect_after(
+            &res,
+            |hello| {
+                as_secondary(hello);
+                hello.session = 8;
+            },
+            || {
                 res.ok("beta", &["primary"]);
-            })
-        },
-    );
-    assert_eq!(second.beta.flags & primary, 0, "built before the promotion");
-    let heard = second.next();
-    assert!(heard.is_none(), "a session opened: beta sent {heard:?}");
-    let mut third = FakeAlpha::connect(&res, |hello| {
-        as_secondary(hello);
-        hello.session = 9;
+            },
+        );
+        assert_hello_says_secondary(&second);
+        let heard = second.next();
+        assert!(heard.is_none(), "a session opened: beta sent {heard:?}");
     });
-    assert_ne!(third.beta.flags & primary, 0);
-    assert!(third.next().is_some(), "no session opened");
+    assert!(
+        beta.log().contains("the peer started a new session"),
+        "{}",
+        beta.log()
+    );
+    assert_next_handshake_opens_a_session(&res);
+}
+
+/// A handshake whose Hello beta built while a session was open, finished
+/// once that session is over, opens none either.
+#[test]
+fn a_handshake_begun_during_a_session_opens_none_after_it() {
+    let res = Resource::new();
+    let (beta, _) = beta_alone(&res);
+    let first = FakeAlpha::connect(&res, as_secondary);
+    res.wait_status("beta", "connected", |s| s["replication"] == "Established");
+    let first_stream = first.stream.try_clone().unwrap();
+    std::thread::scope(|scope| {
+        scope.spawn(|| first.play_secondary());
+        let mut second = FakeAlpha::connect_after(&res, as_secondary, || {
+            first_stream.shutdown(std::net::Shutdown::Both).unwrap();
+            res.wait_status("beta", "alone", |s| s["connection"] != "Connected");
+            res.ok("beta", &["primary"]);
+        });
+        assert_hello_says_secondary(&second);
+        let heard = second.next();
+        assert!(heard.is_none(), "a session opened: beta sent {heard:?}");
+    });
+    assert!(
+        beta.log()
+            .contains("a handshake made while the last session was open"),
+        "{}",
+        beta.log()
+    );
+    assert_next_handshake_opens_a_session(&res);
+}
+
+/// Beta's Hello to `fake` said secondary (it was built before beta's
+/// promotion).
+fn assert_hello_says_secondary(fake: &FakeAlpha) {
+    let primary = blkmirror_metadata::Flags::PRIMARY.bits();
+    assert_eq!(fake.beta.flags & primary, 0, "{:?}", fake.beta);
+}
+
+/// A fresh handshake opens a session with beta, now primary, and says so.
+/// (Beta may still be recording the end of the last session: a handshake
+/// it drops is made again, as the real peer would.)
+fn assert_next_handshake_opens_a_session(res: &Resource) {
+    for session in 9..30 {
+        let mut fake = FakeAlpha::connect(res, |hello| {
+            as_secondary(hello);
+            hello.session = session;
+        });
+        if fake.next().is_some() {
+            let primary = blkmirror_metadata::Flags::PRIMARY.bits();
+            assert_ne!(fake.beta.flags & primary, 0, "{:?}", fake.beta);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("no handshake opened a session");
 }
 
 /// Resync frames from a peer that is not the sync source are refused: the

@@ -503,10 +503,6 @@ impl Manager {
                 // shortest delay again.
                 delay = RECONNECT_DELAY_MIN;
             }
-            if self.session_changes.load(Ordering::SeqCst) % 2 == 1 {
-                // Its end is recorded: handshakes from now on say so.
-                self.session_changes.fetch_add(1, Ordering::SeqCst);
-            }
             let retry_after = match &outcome {
                 Err(PeerError::Refused(reason)) => {
                     tracing::error!(peer = self.peer_name, "{reason}");
@@ -518,7 +514,10 @@ impl Manager {
                     delay
                 }
                 Err(PeerError::Superseded) => {
-                    tracing::info!(peer = self.peer_name, "the peer opened a new session");
+                    tracing::info!(
+                        peer = self.peer_name,
+                        "the peer started a new session; it dials again"
+                    );
                     Duration::ZERO
                 }
                 Err(e) => {
@@ -540,17 +539,15 @@ impl Manager {
             });
             let last_load = self.last_load.lock().unwrap().take();
             if let Some(load) = last_load {
-                let waited = tokio::select! {
+                tokio::select! {
                     _ = stop.wait_for(|s| *s) => return,
-                    waited = self.drain(&load) => waited,
+                    _ = self.drain(&load) => {}
                 };
-                if waited {
-                    // Connections that came during the wait bring handshakes
-                    // from then: the peer dials again.
-                    if let Some(arrivals) = arrivals.as_mut() {
-                        while arrivals.try_recv().is_ok() {}
-                    }
-                }
+            }
+            if self.session_changes.load(Ordering::SeqCst) % 2 == 1 {
+                // Its end is recorded and its writes are on the disk:
+                // handshakes from now on open a session.
+                self.session_changes.fetch_add(1, Ordering::SeqCst);
             }
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
@@ -1221,10 +1218,9 @@ impl Manager {
     /// disk. A disk that hangs holds them: a new session would only hang
     /// the peer's writes again (a resync's among them), so until then the
     /// peer goes on alone, as after a crash of this node.
-    /// Returns whether it had to wait.
-    async fn drain(&self, load: &PeerLoad) -> bool {
+    async fn drain(&self, load: &PeerLoad) {
         if load.is_drained() {
-            return false;
+            return;
         }
         let message = "writes of the last session have not reached this node's disk (does it \
                        hang?): no new session until they have";
@@ -1234,7 +1230,6 @@ impl Manager {
         load.drained().await;
         self.draining.store(false, Ordering::Relaxed);
         tracing::info!("the last session's writes are on the disk; connecting again");
-        true
     }
 
     /// Handles incoming messages until the link fails.
