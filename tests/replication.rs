@@ -203,6 +203,36 @@ fn a_replaced_empty_secondary_gets_a_full_copy() {
     res.assert_identical();
 }
 
+/// A peer configured with another `protocol` or `after-sb-0pri` is refused
+/// by both nodes, each naming the differences; the primary goes on alone,
+/// and once the configs agree the pair resyncs what it wrote meanwhile.
+#[test]
+fn a_peer_configured_differently_is_refused() {
+    let res = Resource::new();
+    let (_alpha, beta) = synced_pair(&res);
+    res.down("beta", beta);
+    let agreed = std::fs::read_to_string(&res.config).unwrap();
+    res.set_protocol("A");
+    res.set("after-sb-0pri", "\"discard-least-changes\"");
+    let beta = res.up("beta");
+    for (node, here, there) in [("alpha", "C", "A"), ("beta", "A", "C")] {
+        let status = res.wait_error(node, "configured differently");
+        let error = status["last_error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("protocol '{there}' there, '{here}' here")),
+            "{error}"
+        );
+        assert!(error.contains("after-sb-0pri"), "{error}");
+        assert_ne!(status["connection"], "Connected", "{status}");
+    }
+    res.qemu_io("alpha", &["write -P 0x62 0 64k"]);
+    res.down("beta", beta);
+    std::fs::write(&res.config, agreed).unwrap();
+    let _beta = res.up("beta");
+    res.wait_established("beta");
+    res.assert_identical();
+}
+
 /// A peer with the wrong secret is refused and logged, and nothing is copied.
 #[test]
 fn wrong_secret_is_refused() {

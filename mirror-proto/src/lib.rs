@@ -8,7 +8,9 @@ pub mod frame;
 pub mod message;
 
 pub use frame::{FrameError, FrameHeader, HEADER_BYTES, PAYLOAD_MAX_BYTES, PROTOCOL_VERSION};
-pub use message::{bitmap_runs, chunk_digest, AckEntry, AckKind, Hello, Message, MessageError};
+pub use message::{
+    bitmap_runs, chunk_digest, AckEntry, AckKind, Hello, Message, MessageError, SharedSettings,
+};
 
 /// Encodes `message` as one frame: header followed by payload.
 pub fn encode_frame(message: &Message, volume_uuid: [u8; 16], sequence: u64) -> Vec<u8> {

@@ -83,6 +83,18 @@ pub struct Hello {
     /// Bytes the sender's dirty bitmap marks: what it changed (or may have
     /// changed) that the peer may lack.
     pub dirty_bytes: u64,
+    pub shared: SharedSettings,
+}
+
+/// Settings of the sender's config that both nodes must share: a peer
+/// whose differ is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedSettings {
+    /// The replication protocol: `b'A'`, `b'B'` or `b'C'`.
+    pub protocol: u8,
+    /// The split-brain policy when neither node is primary, as the engine
+    /// numbers them.
+    pub after_sb_0pri: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +307,8 @@ impl Message {
                 w.extend_from_slice(&h.flags.to_le_bytes());
                 w.extend_from_slice(&h.session.to_le_bytes());
                 w.extend_from_slice(&h.dirty_bytes.to_le_bytes());
+                w.push(h.shared.protocol);
+                w.push(h.shared.after_sb_0pri);
             }
             Message::AuthChallenge { nonce } => w.extend_from_slice(nonce),
             Message::AuthResponse { mac } => w.extend_from_slice(mac),
@@ -465,6 +479,10 @@ impl Message {
                     flags: r.u32()?,
                     session: r.u64()?,
                     dirty_bytes: r.u64()?,
+                    shared: SharedSettings {
+                        protocol: r.u8()?,
+                        after_sb_0pri: r.u8()?,
+                    },
                 })
             }
             kind::AUTH_CHALLENGE => Message::AuthChallenge { nonce: r.array()? },
@@ -666,7 +684,8 @@ mod tests {
                 any::<u32>(),
                 any::<[u64; 4]>(),
                 any::<u32>(),
-                any::<[u64; 2]>()
+                any::<[u64; 2]>(),
+                any::<[u8; 2]>()
             )
                 .prop_map(
                     |(
@@ -678,6 +697,7 @@ mod tests {
                         g,
                         flags,
                         [session, dirty_bytes],
+                        [protocol, after_sb_0pri],
                     )| {
                         Message::Hello(Hello {
                             volume_uuid,
@@ -693,6 +713,10 @@ mod tests {
                             flags,
                             session,
                             dirty_bytes,
+                            shared: SharedSettings {
+                                protocol,
+                                after_sb_0pri,
+                            },
                         })
                     }
                 ),
@@ -877,6 +901,10 @@ mod tests {
                 flags: 0,
                 session: 1,
                 dirty_bytes: 0,
+                shared: SharedSettings {
+                    protocol: b'C',
+                    after_sb_0pri: 0,
+                },
             }),
         ];
         for message in largest {

@@ -78,6 +78,25 @@ pub enum AfterSplitBrain {
     DiscardLeastChanges,
 }
 
+impl AfterSplitBrain {
+    pub const ALL: [AfterSplitBrain; 4] = [
+        AfterSplitBrain::Disconnect,
+        AfterSplitBrain::DiscardZeroChanges,
+        AfterSplitBrain::DiscardYoungerPrimary,
+        AfterSplitBrain::DiscardLeastChanges,
+    ];
+
+    /// Its name in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            AfterSplitBrain::Disconnect => "disconnect",
+            AfterSplitBrain::DiscardZeroChanges => "discard-zero-changes",
+            AfterSplitBrain::DiscardYoungerPrimary => "discard-younger-primary",
+            AfterSplitBrain::DiscardLeastChanges => "discard-least-changes",
+        }
+    }
+}
+
 /// Where a node serves NBD.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -545,6 +564,9 @@ control = "/tmp/b.ctl"
         );
         let e = with("discard-everything").unwrap_err().to_string();
         assert!(e.contains("discard-zero-changes"), "{e}");
+        for policy in AfterSplitBrain::ALL {
+            assert_eq!(with(policy.name()).unwrap().after_sb_0pri, policy);
+        }
     }
 
     #[test]

@@ -1410,7 +1410,11 @@ impl Volume {
     }
 
     /// This node's introduction to the peer.
-    pub fn hello(&self, link_index: u8) -> blkmirror_proto::Hello {
+    pub fn hello(
+        &self,
+        link_index: u8,
+        shared: blkmirror_proto::SharedSettings,
+    ) -> blkmirror_proto::Hello {
         let state = self.state.lock().unwrap();
         let sb = &state.superblock;
         blkmirror_proto::Hello {
@@ -1428,6 +1432,7 @@ impl Volume {
                 },
             session: self.session,
             dirty_bytes: self.tracker.out_of_sync_bytes(),
+            shared,
         }
     }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use blkmirror_config::{AfterSplitBrain, Config, LINKS_MAX};
+use blkmirror_config::{AfterSplitBrain, Config, Protocol, LINKS_MAX};
 use blkmirror_io::AlignedBuf;
 use blkmirror_metadata::superblock::Flags;
 use blkmirror_metadata::sync_decision::{decide, SyncDecision};
@@ -25,7 +25,7 @@ use blkmirror_proto::message::{
     Generations as WireGenerations, NONCE_BYTES, WRITE_FLAG_ACK_RECEIVED, WRITE_FLAG_FUA,
     WRITE_FLAG_ZERO,
 };
-use blkmirror_proto::{auth, AckKind, FrameHeader, Hello, Message, HEADER_BYTES};
+use blkmirror_proto::{auth, AckKind, FrameHeader, Hello, Message, SharedSettings, HEADER_BYTES};
 use bytes::BufMut;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -375,6 +375,7 @@ pub fn spawn(
         secret: config.secret.clone(),
         timeout: config.timeout,
         after_sb_0pri: config.after_sb_0pri,
+        shared: shared_settings(config),
         last_load: Mutex::new(None),
         draining: AtomicBool::new(false),
         session_changes: AtomicU64::new(0),
@@ -394,6 +395,8 @@ struct Manager {
     secret: Option<String>,
     timeout: Duration,
     after_sb_0pri: AfterSplitBrain,
+    /// What this node's Hellos say of the settings both nodes must share.
+    shared: SharedSettings,
     /// The last session's load: writes it still applies hold a share.
     last_load: Mutex<Option<Arc<PeerLoad>>>,
     /// Set while the last session's writes have not reached the disk: no
@@ -641,7 +644,7 @@ impl Manager {
         );
         let mut writer = BufWriter::with_capacity(256 * 1024, write_half);
         let session_changes = self.session_changes.load(Ordering::SeqCst);
-        let mut local = self.volume.hello(index as u8);
+        let mut local = self.volume.hello(index as u8, self.shared);
         local.session = session;
         if join {
             local.flags |= HELLO_FLAG_JOIN;
@@ -919,6 +922,14 @@ impl Manager {
 
     /// Checks who the peer is and agrees on the volume UUID.
     fn check_hello(&self, local: &Hello, remote: &Hello) -> Result<[u8; 16], PeerError> {
+        let differences = setting_differences(&local.shared, &remote.shared);
+        if !differences.is_empty() {
+            return Err(PeerError::Refused(format!(
+                "peer {} is configured differently: {}. Both nodes need the same settings",
+                remote.node_name,
+                differences.join("; ")
+            )));
+        }
         if let Err(e) = blkmirror_metadata::layout::check_granularity(remote.granularity) {
             return Err(PeerError::Refused(format!(
                 "peer {}: {e}",
@@ -1792,6 +1803,60 @@ pub(crate) struct ReceivedFrame {
 }
 
 /// Generation identifiers as they travel in a Hello.
+/// The settings of `config` that both nodes must share: each decides a
+/// split brain by its own `after-sb-0pri`, so two could pick different
+/// sources; and `protocol` says what an acknowledged write survives,
+/// whichever node is primary.
+fn shared_settings(config: &Config) -> SharedSettings {
+    SharedSettings {
+        protocol: protocol_code(config.protocol),
+        after_sb_0pri: policy_code(config.after_sb_0pri),
+    }
+}
+
+fn protocol_code(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::A => b'A',
+        Protocol::B => b'B',
+        Protocol::C => b'C',
+    }
+}
+
+fn policy_code(policy: AfterSplitBrain) -> u8 {
+    match policy {
+        AfterSplitBrain::Disconnect => 0,
+        AfterSplitBrain::DiscardZeroChanges => 1,
+        AfterSplitBrain::DiscardYoungerPrimary => 2,
+        AfterSplitBrain::DiscardLeastChanges => 3,
+    }
+}
+
+/// How the peer's shared settings differ from this node's, in words.
+fn setting_differences(local: &SharedSettings, remote: &SharedSettings) -> Vec<String> {
+    let mut differences = Vec::new();
+    if local.protocol != remote.protocol {
+        differences.push(format!(
+            "protocol {:?} there, {:?} here",
+            char::from(remote.protocol),
+            char::from(local.protocol)
+        ));
+    }
+    if local.after_sb_0pri != remote.after_sb_0pri {
+        let name = |code: u8| {
+            AfterSplitBrain::ALL
+                .into_iter()
+                .find(|&policy| policy_code(policy) == code)
+                .map_or_else(|| format!("unknown policy {code}"), |p| p.name().into())
+        };
+        differences.push(format!(
+            "after-sb-0pri {:?} there, {:?} here",
+            name(remote.after_sb_0pri),
+            name(local.after_sb_0pri)
+        ));
+    }
+    differences
+}
+
 pub fn wire_generations(g: &blkmirror_metadata::Generations) -> WireGenerations {
     WireGenerations {
         current: g.current,
