@@ -223,7 +223,9 @@ fn a_peer_configured_differently_is_refused() {
             "{error}"
         );
         assert!(error.contains("after-sb-0pri"), "{error}");
-        assert_ne!(status["connection"], "Connected", "{status}");
+        assert_eq!(status["connection"], "Refused", "{status}");
+        let refusal = res.fails(node, &["wait-sync", "--timeout", "60"]);
+        assert!(refusal.contains("configured differently"), "{refusal}");
     }
     res.qemu_io("alpha", &["write -P 0x62 0 64k"]);
     res.down("beta", beta);
@@ -590,6 +592,8 @@ fn operator_disconnect_connect_and_wait_sync() {
         refusal.contains("alpha is StandAlone") && refusal.contains("blkmirror connect"),
         "wait-sync must say at once that nothing syncs until `connect`: {refusal}"
     );
+    let refusal = res.fails("alpha", &["resync"]);
+    assert!(refusal.contains("StandAlone"), "{refusal}");
     res.ok("alpha", &["connect"]);
     let said = res.ok("alpha", &["wait-sync", "--timeout", "60"]);
     assert!(said.contains("in sync"), "{said}");
@@ -708,6 +712,60 @@ fn invalidate_and_full_resync_by_the_operator() {
     res.ok("alpha", &["resync", "--full"]);
     res.ok("alpha", &["wait-sync", "--timeout", "60"]);
     res.assert_identical();
+}
+
+/// `invalidate` is refused while the connected peer's disk is not
+/// UpToDate (here, a sync target): this node may hold the only good copy.
+#[test]
+fn invalidate_is_refused_while_the_peer_holds_no_good_copy() {
+    let res = Resource::new();
+    // 32 MiB to copy at 4 MB/s take some 8 s (chunks equal on both sides
+    // would go by checksum, at once).
+    res.set("resync-rate-max", "\"4M\"");
+    let (_alpha, _beta) = synced_pair(&res);
+    res.ok("beta", &["disconnect"]);
+    res.wait_status("alpha", "alone", |s| s["connection"] != "Connected");
+    res.qemu_io("alpha", &["write -P 0x5a 0 32M"]);
+    res.ok("beta", &["invalidate"]);
+    res.ok("beta", &["connect"]);
+    res.wait_status("alpha", "a resync under way", |s| {
+        s["replication"] == "SyncSource"
+    });
+    res.ok("alpha", &["secondary"]);
+    let refusal = res.fails("alpha", &["invalidate"]);
+    assert!(refusal.contains("beta's disk is Inconsistent"), "{refusal}");
+    assert_eq!(res.status("alpha")["disk_state"], "UpToDate");
+    res.ok("alpha", &["wait-sync", "--timeout", "60"]);
+    res.assert_identical();
+}
+
+/// A verify cut off by the end of its session fails and says so, however
+/// far it got; the next session starts none by itself.
+#[test]
+fn a_verify_cut_off_fails() {
+    let res = Resource::new();
+    // The 64 MiB take some 16 s to compare.
+    res.set("resync-rate-max", "\"4M\"");
+    let (_alpha, _beta) = synced_pair(&res);
+    let verify = Command::new(BIN)
+        .arg("-c")
+        .arg(&res.config)
+        .args(["-n", "alpha", "verify"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    res.wait_status("alpha", "a verify under way", |s| {
+        s["verify"]["done_bytes"].as_u64() > Some(0)
+    });
+    res.ok("alpha", &["resync"]);
+    let out = verify.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "verify succeeded: {said}");
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(error.contains("verify stopped after"), "{error}");
+    let status = res.wait_established("alpha");
+    assert_eq!(status["verify"]["running"], false, "{status}");
 }
 
 /// Protocols A and B answer the client before the peer's disk has the

@@ -256,6 +256,9 @@ pub async fn verify(target: &Target) -> anyhow::Result<()> {
         if let Some(error) = &v.error {
             bail!("verify stopped after {} bytes: {error}", v.done_bytes);
         }
+        if !v.finished {
+            bail!("verify stopped after {} bytes", v.done_bytes);
+        }
         if v.differing_bytes == 0 {
             out!(
                 "verify: {} bytes compared with {}; the replicas are identical",
@@ -272,9 +275,9 @@ pub async fn verify(target: &Target) -> anyhow::Result<()> {
     }
 }
 
-/// Polls until replication is Established with nothing out of sync. On a
-/// terminal it draws a progress bar with rate and ETA; otherwise it prints a
-/// line every few seconds.
+/// Polls until replication is Established with nothing out of sync and
+/// both disks UpToDate. On a terminal it draws a progress bar with rate and
+/// ETA; otherwise it prints a line every few seconds.
 pub async fn wait_sync(target: &Target, timeout_s: Option<u64>) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let started = std::time::Instant::now();
@@ -298,7 +301,12 @@ pub async fn wait_sync(target: &Target, timeout_s: Option<u64>) -> anyhow::Resul
             .clone()
             .ok_or_else(|| anyhow!("the node reports no peer"))?;
         let replication = format!("{:?}", peer.replication);
-        if replication == "Established" && status.out_of_sync_bytes == 0 {
+        let in_sync = replication == "Established"
+            && status.out_of_sync_bytes == 0
+            && status.disk_state == DiskState::UpToDate
+            // (The target reports UpToDate just after the source is done.)
+            && peer.peer_disk_state.as_deref() == Some("UpToDate");
+        if in_sync {
             if let Some(bar) = &bar {
                 bar.finish_with_message("in sync");
             }
@@ -322,14 +330,13 @@ pub async fn wait_sync(target: &Target, timeout_s: Option<u64>) -> anyhow::Resul
                     .unwrap_or_default()
             );
         }
-        if let Some(error) = peer
-            .last_error
-            .as_deref()
-            .filter(|_| peer.connection != blkmirror_engine::peer::ConnectionState::Connected)
-        {
-            if error.contains("split brain") || error.contains("unrelated") {
-                bail!("cannot sync: {error}");
-            }
+        if peer.connection == blkmirror_engine::peer::ConnectionState::Refused {
+            bail!(
+                "cannot sync: {}",
+                peer.last_error
+                    .as_deref()
+                    .unwrap_or("the connection was refused")
+            );
         }
         let r = &peer.resync;
         match &bar {

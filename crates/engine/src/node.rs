@@ -15,7 +15,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::control::{self, Request, Response};
 use crate::frontend::{NbdExport, UblkFrontend};
-use crate::peer::{self, Peer};
+use crate::peer::{self, ConnectionState, Peer};
 use crate::volume::{Role, Volume};
 use crate::Error;
 
@@ -326,6 +326,9 @@ impl ControlServer {
                 Response::Ok
             }
             Request::Invalidate => {
+                if let Some(message) = peer_holds_no_good_copy(peer) {
+                    return Response::Error { message };
+                }
                 let result = volume.invalidate();
                 if result.is_ok() {
                     peer.reconnect();
@@ -333,6 +336,15 @@ impl ControlServer {
                 to_response(result)
             }
             Request::Resync { full } => {
+                let status = peer.status();
+                if status.connection == ConnectionState::StandAlone {
+                    return Response::Error {
+                        message: format!(
+                            "not connecting to {} (StandAlone): `blkmirror connect` first",
+                            status.peer_node
+                        ),
+                    };
+                }
                 if full {
                     volume.mark_everything_for_resync();
                 }
@@ -411,6 +423,24 @@ fn inject_faults(_spec: &str) -> Response {
     Response::Error {
         message: "this build has no fault injection (a test-only cargo feature)".into(),
     }
+}
+
+/// Why `invalidate` must not run now: the connected peer's disk is not
+/// UpToDate, so this node may hold the only good copy. (Disconnected, the
+/// operator's word stands: the peer is checked at the next handshake.)
+fn peer_holds_no_good_copy(peer: &Peer) -> Option<String> {
+    let status = peer.status();
+    if status.connection != ConnectionState::Connected {
+        return None;
+    }
+    let peer_disk = status.peer_disk_state.as_deref().unwrap_or("unknown");
+    (peer_disk != "UpToDate").then(|| {
+        format!(
+            "refusing to invalidate: {}'s disk is {peer_disk}, not UpToDate, and this node may \
+             hold the only good copy (`disconnect` first to invalidate it anyway)",
+            status.peer_node
+        )
+    })
 }
 
 fn to_response(result: Result<(), Error>) -> Response {

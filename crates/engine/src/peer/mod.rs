@@ -86,6 +86,10 @@ pub const HELLO_FLAG_JOIN: u32 = 1 << 30;
 pub enum ConnectionState {
     StandAlone,
     Connecting,
+    /// The last attempt was refused, by this node or the peer, for a reason
+    /// an operator must settle (split brain, settings that differ, ...);
+    /// `last_error` says which. Tried again every 10 s.
+    Refused,
     Connected,
 }
 
@@ -207,15 +211,19 @@ impl Peer {
             self.discard_my_data.store(true, Ordering::Relaxed);
         }
         self.parting.store(false, Ordering::Relaxed);
-        if !self.wanted.send_replace(true) {
-            // Say so at once: a `wait-sync` right after must not find the
-            // node StandAlone.
-            self.set(|s| {
-                if s.connection == ConnectionState::StandAlone {
-                    s.connection = ConnectionState::Connecting;
-                }
-            });
-        }
+        // Say so at once: a `wait-sync` right after must not find the node
+        // StandAlone, or refused for what the operator has just settled.
+        self.set(|s| {
+            if matches!(
+                s.connection,
+                ConnectionState::StandAlone | ConnectionState::Refused
+            ) {
+                s.connection = ConnectionState::Connecting;
+                s.last_error = None;
+            }
+        });
+        // (Wakes a node waiting after a refusal, too.)
+        self.wanted.send_replace(true);
     }
 
     /// Calls off a `connect --discard-my-data` that no session has used
@@ -288,8 +296,8 @@ impl Peer {
                     address: address.to_string(),
                     state: match (up, s.connection) {
                         (true, _) => ConnectionState::Connected,
-                        (false, ConnectionState::StandAlone) => ConnectionState::StandAlone,
-                        (false, _) => ConnectionState::Connecting,
+                        (false, ConnectionState::Connected) => ConnectionState::Connecting,
+                        (false, overall) => overall,
                     },
                     sent_bytes,
                 })
@@ -530,11 +538,20 @@ impl Manager {
                 Ok(()) => delay,
             };
             self.peer.set(|s| {
-                s.connection = ConnectionState::Connecting;
+                s.connection = match &outcome {
+                    Err(PeerError::Refused(_)) => ConnectionState::Refused,
+                    _ => ConnectionState::Connecting,
+                };
                 s.replication = ReplicationState::Off;
                 s.peer_role = None;
                 s.peer_disk_state = None;
-                s.verify.running = false;
+                if s.verify.running {
+                    s.verify.running = false;
+                    s.verify.error = Some(format!(
+                        "cut off: the session with {} ended",
+                        self.peer_name
+                    ));
+                }
                 match &outcome {
                     Err(PeerError::Superseded) | Ok(()) => {}
                     Err(e) => s.last_error = Some(e.to_string()),
@@ -603,7 +620,12 @@ impl Manager {
                     }
                     Err(PeerError::Refused(reason)) => {
                         tracing::error!(link = index, "{reason}");
-                        me.peer.set(|s| s.last_error = Some(reason));
+                        me.peer.set(|s| {
+                            if s.connection == ConnectionState::Connecting {
+                                s.connection = ConnectionState::Refused;
+                            }
+                            s.last_error = Some(reason);
+                        });
                     }
                     Err(e) => tracing::debug!(link = index, error = %e, "link handshake failed"),
                 }
@@ -1259,6 +1281,10 @@ impl Manager {
             let (seq, message) = tokio::select! {
                 message = inbox.next() => message?,
                 _ = self.peer.verify_wanted.notified() => {
+                    if !self.peer.state.lock().unwrap().verify.running {
+                        // Asked for in a session that ended before it began.
+                        continue;
+                    }
                     _verifying = Some(AbortOnDrop(tokio::spawn(verify(
                         self.volume.clone(),
                         link.clone(),
