@@ -865,6 +865,15 @@ fn resync_rate_max_caps_the_resync() {
     res.qemu_io("alpha", &["write -P 0x66 0 24M"]);
     let started = std::time::Instant::now();
     let _beta = res.up("beta");
+    // The target shows the source's progress.
+    let midway = res.wait_status("beta", "progress on the target", |s| {
+        s["replication"] == "SyncTarget" && s["resync"]["done_bytes"].as_u64() > Some(0)
+    });
+    assert_eq!(midway["resync"]["total_bytes"], 24 << 20, "{midway}");
+    assert!(
+        midway["resync"]["bytes_per_s"].as_u64() > Some(0),
+        "{midway}"
+    );
     let status = res.wait_status("alpha", "resynced", |s| {
         s["replication"] == "Established" && s["out_of_sync_bytes"] == 0
     });
@@ -875,7 +884,8 @@ fn resync_rate_max_caps_the_resync() {
         elapsed >= 2.8,
         "24 MiB resynced in {elapsed:.2} s despite an 8 MB/s cap"
     );
-    res.wait_established("beta");
+    let beta = res.wait_established("beta");
+    assert_eq!(beta["resync"]["done_bytes"], 24 << 20, "{beta}");
     res.assert_identical();
 }
 

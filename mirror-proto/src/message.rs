@@ -47,6 +47,7 @@ pub mod kind {
     pub const RESYNC_DATA: u16 = 22;
     pub const RESYNC_CHECKSUM: u16 = 23;
     pub const RESYNC_DONE: u16 = 24;
+    pub const RESYNC_PROGRESS: u16 = 25;
     pub const PING: u16 = 30;
     pub const PONG: u16 = 31;
     pub const RECEIVED: u16 = 32;
@@ -173,6 +174,13 @@ pub enum Message {
     ResyncDone {
         current: u64,
     },
+    /// How far the sync source has got, for the target to show (sent
+    /// about every second while a resync runs).
+    ResyncProgress {
+        done_bytes: u64,
+        total_bytes: u64,
+        bytes_per_s: u64,
+    },
     Ping {
         token: u64,
     },
@@ -270,6 +278,7 @@ impl Message {
             Message::ResyncData { .. } => kind::RESYNC_DATA,
             Message::ResyncChecksum { .. } => kind::RESYNC_CHECKSUM,
             Message::ResyncDone { .. } => kind::RESYNC_DONE,
+            Message::ResyncProgress { .. } => kind::RESYNC_PROGRESS,
             Message::Ping { .. } => kind::PING,
             Message::Pong { .. } => kind::PONG,
             Message::Received { .. } => kind::RECEIVED,
@@ -363,6 +372,15 @@ impl Message {
             | Message::Pong { token }
             | Message::Received { upto: token }
             | Message::ResyncDone { current: token } => w.extend_from_slice(&token.to_le_bytes()),
+            Message::ResyncProgress {
+                done_bytes,
+                total_bytes,
+                bytes_per_s,
+            } => {
+                for figure in [done_bytes, total_bytes, bytes_per_s] {
+                    w.extend_from_slice(&figure.to_le_bytes());
+                }
+            }
             Message::State {
                 role,
                 disk_state,
@@ -419,6 +437,7 @@ impl Message {
             | kind::RESYNC_REQUEST
             | kind::RESYNC_CHECKSUM
             | kind::RESYNC_DONE
+            | kind::RESYNC_PROGRESS
             | kind::PING
             | kind::PONG
             | kind::RECEIVED
@@ -553,6 +572,11 @@ impl Message {
                 digest: r.array()?,
             },
             kind::RESYNC_DONE => Message::ResyncDone { current: r.u64()? },
+            kind::RESYNC_PROGRESS => Message::ResyncProgress {
+                done_bytes: r.u64()?,
+                total_bytes: r.u64()?,
+                bytes_per_s: r.u64()?,
+            },
             kind::PING => Message::Ping { token: r.u64()? },
             kind::PONG => Message::Pong { token: r.u64()? },
             kind::RECEIVED => Message::Received { upto: r.u64()? },
@@ -766,6 +790,13 @@ mod tests {
                 }
             }),
             any::<u64>().prop_map(|current| Message::ResyncDone { current }),
+            any::<[u64; 3]>().prop_map(|[done_bytes, total_bytes, bytes_per_s]| {
+                Message::ResyncProgress {
+                    done_bytes,
+                    total_bytes,
+                    bytes_per_s,
+                }
+            }),
             any::<u64>().prop_map(|token| Message::Ping { token }),
             any::<u64>().prop_map(|token| Message::Pong { token }),
             any::<u64>().prop_map(|upto| Message::Received { upto }),

@@ -56,6 +56,8 @@ const FLUSHING_MAX: u32 = 4;
 const ARRIVALS_QUEUED_MAX: usize = 2 * LINKS_MAX;
 /// Link handshakes under way at once on one listening link.
 const HANDSHAKES_MAX: usize = 4;
+/// How often a sync source tells the target how far it has got.
+const PROGRESS_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// `State::disk_state`: the sender's disk failed and is detached (0: its
 /// flags tell its disk state).
@@ -120,6 +122,14 @@ pub struct ResyncStatus {
     pub total_bytes: u64,
     pub bytes_per_s: u64,
     pub eta_s: u64,
+}
+
+impl ResyncStatus {
+    /// Seconds left at the rate so far.
+    fn eta(&self) -> u64 {
+        let left = self.total_bytes.saturating_sub(self.done_bytes);
+        left / self.bytes_per_s.max(1)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -323,8 +333,7 @@ impl Peer {
             if let Some(started) = s.resync_started {
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 s.resync.bytes_per_s = (s.resync.done_bytes as f64 / secs) as u64;
-                let left = s.resync.total_bytes.saturating_sub(s.resync.done_bytes);
-                s.resync.eta_s = left.checked_div(s.resync.bytes_per_s.max(1)).unwrap_or(0);
+                s.resync.eta_s = s.resync.eta();
             }
         });
     }
@@ -1194,6 +1203,10 @@ impl Manager {
                     decision == SyncDecision::SourceFull,
                     done_tx,
                 )));
+                let _reporting = AbortOnDrop(tokio::spawn(report_progress(
+                    self.peer.clone(),
+                    link.clone(),
+                )));
                 self.serve(&mut inbox, link, Resyncing::AsSource(done_rx))
                     .await
             }
@@ -1448,7 +1461,27 @@ impl Manager {
                         reason = link.wait_closed() => return Err(PeerError::LinksLost(reason)),
                     }
                     let _ = link.send(&self.volume.state_message()).await;
+                    self.peer.set(|s| {
+                        s.resync.done_bytes = s.resync.total_bytes;
+                        s.resync.eta_s = 0;
+                    });
                     self.established(link).await;
+                }
+                Message::ResyncProgress {
+                    done_bytes,
+                    total_bytes,
+                    bytes_per_s,
+                } => {
+                    // Only shown. (One sent as the resync ended may follow
+                    // its end: dropped.)
+                    if matches!(resyncing, Resyncing::AsTarget) {
+                        self.peer.set(|s| {
+                            s.resync.done_bytes = done_bytes;
+                            s.resync.total_bytes = total_bytes;
+                            s.resync.bytes_per_s = bytes_per_s;
+                            s.resync.eta_s = s.resync.eta();
+                        });
+                    }
                 }
                 other => return Err(PeerError::Wire(format!("unexpected message {other:?}"))),
             }
@@ -1681,6 +1714,29 @@ struct CloseOnDrop(Arc<Channel>);
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         self.0.close("session ended");
+    }
+}
+
+/// Tells the sync target how far the resync has got, at once and then
+/// every `PROGRESS_REPORT_INTERVAL`, while this node is its source.
+async fn report_progress(peer: Arc<Peer>, link: Arc<Channel>) {
+    loop {
+        let resync = {
+            let s = peer.state.lock().unwrap();
+            if s.replication != ReplicationState::SyncSource {
+                return;
+            }
+            s.resync.clone()
+        };
+        let report = Message::ResyncProgress {
+            done_bytes: resync.done_bytes,
+            total_bytes: resync.total_bytes,
+            bytes_per_s: resync.bytes_per_s,
+        };
+        if link.send(&report).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(PROGRESS_REPORT_INTERVAL).await;
     }
 }
 
