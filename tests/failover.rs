@@ -579,6 +579,42 @@ async fn a_write_that_reaches_no_disk_is_not_acknowledged() {
     );
 }
 
+/// A client that has just gone, its last write still under way (here held
+/// by a hung disk for a moment), does not make `secondary` refuse: the
+/// demotion waits a moment for it to finish.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secondary_waits_for_a_client_that_has_just_gone() {
+    let res = Resource::new();
+    res.ok("alpha", &["create-md"]);
+    let _alpha = res.up_with_faults("alpha", "none");
+    res.ok("alpha", &["primary", "--force"]);
+    let block = DATA_OFFSET + (1 << 20);
+    res.ok(
+        "alpha",
+        &["fault", &format!("stall-write={block}-{}", block + 4096)],
+    );
+    let mut client = blkmirror_nbd::Client::connect_unix(&res.nbd_socket("alpha"), RESOURCE)
+        .await
+        .unwrap();
+    let writing = tokio::spawn(async move { client.write(1 << 20, &[7; 4096], false).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    writing.abort();
+    assert_eq!(
+        res.status("alpha")["nbd_clients"],
+        1,
+        "the write is under way"
+    );
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            res.ok("alpha", &["fault", "none"]);
+        });
+        res.ok("alpha", &["secondary"]);
+    });
+    assert!(res.disk_holds("alpha", 1 << 20, 4096, 7));
+}
+
 /// Protocol A: a write the client has heard of but the peer never
 /// answered is marked on disk when the node goes down, so the next
 /// connection copies it (the clean shutdown means no activity-log replay).

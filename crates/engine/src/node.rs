@@ -24,6 +24,9 @@ const CONTROL_REQUEST_WAIT: Duration = Duration::from_secs(5);
 /// How long a node going down waits for the requests its NBD clients sent
 /// before; past it, the shutdown is recorded as a crash.
 const CLIENTS_DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// How long `secondary` waits for NBD clients to go before it refuses: one
+/// that has just disconnected stays attached until its last requests end.
+const CLIENTS_LEAVING_WAIT: Duration = Duration::from_secs(1);
 
 /// Runs `node` of `config` in the foreground until it is told to stop.
 pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
@@ -113,7 +116,7 @@ pub async fn run(config: &Config, node: &str) -> Result<(), Error> {
     let _ = stop_nbd.send(true);
     let _ = nbd_task.await;
     // Requests the clients sent before are still carried out.
-    if !volume.clients_gone(CLIENTS_DRAIN_WAIT).await {
+    if control.nbd_clients_after(CLIENTS_DRAIN_WAIT).await > 0 {
         tracing::warn!("NBD requests still under way after {CLIENTS_DRAIN_WAIT:?}");
     }
     peer.part();
@@ -230,6 +233,9 @@ impl ControlServer {
         tracing::debug!(?request, "control request");
         let response = match request {
             Request::Status => self.status(),
+            // The disk's behaviour, not a state change: it may have to
+            // release a change that waits on the disk.
+            Request::Fault { spec } => inject_faults(&spec),
             Request::Down => match self.may_go_down().await {
                 Ok(()) => {
                     // Answer first: the process may end soon after.
@@ -265,8 +271,8 @@ impl ControlServer {
         Response::Status(Box::new(status))
     }
 
-    /// Runs a request that changes something; `status` and `down` are not
-    /// among them.
+    /// Runs a request that changes something; `status`, `down` and `fault`
+    /// are not among them.
     async fn change(&self, request: Request) -> Response {
         let (volume, peer) = (&self.volume, &self.peer);
         match request {
@@ -293,7 +299,7 @@ impl ControlServer {
             Request::Secondary => {
                 // NBD clients refuse the demotion anyway: keep the device
                 // rather than remove it for nothing.
-                let result = match self.nbd_clients() {
+                let result = match self.nbd_clients_after(CLIENTS_LEAVING_WAIT).await {
                     0 => self.stop_ublk().await,
                     clients => Err(Error::ClientsAttached(clients)),
                 };
@@ -355,8 +361,7 @@ impl ControlServer {
                 Ok(()) => Response::Ok,
                 Err(message) => Response::Error { message },
             },
-            Request::Fault { spec } => inject_faults(&spec),
-            Request::Status | Request::Down => {
+            Request::Status | Request::Down | Request::Fault { .. } => {
                 unreachable!("served without the lock on changes")
             }
         }
@@ -398,6 +403,18 @@ impl ControlServer {
     }
 
     /// NBD connections attached: the volume's clients, less the ublk device.
+    /// The NBD clients still attached after up to `wait` for them to go.
+    async fn nbd_clients_after(&self, wait: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let clients = self.nbd_clients();
+            if clients == 0 || tokio::time::Instant::now() >= deadline {
+                return clients;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn nbd_clients(&self) -> usize {
         let held_by_device = usize::from(
             self.ublk
