@@ -1386,16 +1386,22 @@ pub(crate) mod tests {
     }
 
     /// Sends a write from `a` that `b` answers at once with 0; `a`'s answer
-    /// (`Lost` if `a` is closed before).
+    /// (`Lost` if the session closes first, as it may at any moment).
     async fn answered_write(
         (a, a_inbox): (&Channel, &mut Inbox),
         (b, b_inbox): (&Arc<Channel>, &mut Inbox),
     ) -> Result<u32, Lost> {
         let reply = a.enqueue(&write(1)).await?;
-        let (seq, _) = b_inbox.next().await.unwrap();
+        let Ok((seq, _)) = b_inbox.next().await else {
+            return Err(Lost);
+        };
         b.acknowledge(seq, AckKind::Written, 0).await;
-        let (arrived, _) = answers(a_inbox, 1).await;
-        a.answer(&arrived);
+        let answer = tokio::time::timeout(Duration::from_secs(10), a_inbox.next()).await;
+        match answer.expect("an answer in time") {
+            Ok((_, Message::Ack { entries })) => a.answer(&entries),
+            Ok((_, other)) => panic!("expected an Ack, got {other:?}"),
+            Err(_) => return Err(Lost),
+        }
         reply.written().await
     }
 
