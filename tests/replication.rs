@@ -715,18 +715,17 @@ fn invalidate_and_full_resync_by_the_operator() {
 }
 
 /// `invalidate` is refused while the connected peer's disk is not
-/// UpToDate (here, a sync target): this node may hold the only good copy.
+/// UpToDate (here, the target of a differential resync, which said
+/// UpToDate in its Hello): this node may hold the only good copy.
 #[test]
 fn invalidate_is_refused_while_the_peer_holds_no_good_copy() {
     let res = Resource::new();
-    // 32 MiB to copy at 4 MB/s take some 8 s (chunks equal on both sides
-    // would go by checksum, at once).
+    // 32 MiB to copy at 4 MB/s take some 8 s.
     res.set("resync-rate-max", "\"4M\"");
     let (_alpha, _beta) = synced_pair(&res);
     res.ok("beta", &["disconnect"]);
     res.wait_status("alpha", "alone", |s| s["connection"] != "Connected");
     res.qemu_io("alpha", &["write -P 0x5a 0 32M"]);
-    res.ok("beta", &["invalidate"]);
     res.ok("beta", &["connect"]);
     res.wait_status("alpha", "a resync under way", |s| {
         s["replication"] == "SyncSource"

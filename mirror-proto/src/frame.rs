@@ -15,9 +15,9 @@ pub const MAGIC: u32 = 0x424d_5250; // "BMRP"
 /// 6: `Disconnect` lets a secondary end a session with nothing to resync.
 /// 7: `PromoteAsk`: a connected node asks its peer before it becomes primary.
 /// 8: `ResyncChecksum` carries a SHA-256 digest instead of a CRC32C.
-/// 9: the Hello carries the settings both nodes must share; the source
-/// reports its progress to the target (`ResyncProgress`).
-pub const PROTOCOL_VERSION: u16 = 9;
+/// 9: the Hello carries the settings both nodes must share.
+/// 10: the sync source reports its progress to the target (`ResyncProgress`).
+pub const PROTOCOL_VERSION: u16 = 10;
 pub const HEADER_BYTES: usize = 64;
 /// Largest payload a peer may send: one maximal write (32 MiB) plus room for
 /// its own fields. Anything larger is refused before allocation.

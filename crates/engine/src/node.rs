@@ -402,7 +402,6 @@ impl ControlServer {
         }
     }
 
-    /// NBD connections attached: the volume's clients, less the ublk device.
     /// The NBD clients still attached after up to `wait` for them to go.
     async fn nbd_clients_after(&self, wait: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + wait;
@@ -415,6 +414,7 @@ impl ControlServer {
         }
     }
 
+    /// NBD connections attached: the volume's clients, less the ublk device.
     fn nbd_clients(&self) -> usize {
         let held_by_device = usize::from(
             self.ublk

@@ -88,9 +88,10 @@ pub const HELLO_FLAG_JOIN: u32 = 1 << 30;
 pub enum ConnectionState {
     StandAlone,
     Connecting,
-    /// The last attempt was refused, by this node or the peer, for a reason
-    /// an operator must settle (split brain, settings that differ, ...);
-    /// `last_error` says which. Tried again every 10 s.
+    /// This node refused the last attempt for a reason an operator must
+    /// settle (both nodes do for split brain, unrelated data, or sizes or
+    /// settings that differ); `last_error` says which. Tried again every
+    /// 10 s, or at once on `connect`.
     Refused,
     Connected,
 }
@@ -221,19 +222,21 @@ impl Peer {
             self.discard_my_data.store(true, Ordering::Relaxed);
         }
         self.parting.store(false, Ordering::Relaxed);
+        // (Wakes a node waiting after a refusal, too.)
+        let was_wanted = self.wanted.send_replace(true);
         // Say so at once: a `wait-sync` right after must not find the node
         // StandAlone, or refused for what the operator has just settled.
-        self.set(|s| {
-            if matches!(
-                s.connection,
-                ConnectionState::StandAlone | ConnectionState::Refused
-            ) {
+        // (A node that could not listen stays StandAlone.)
+        self.set(|s| match s.connection {
+            ConnectionState::StandAlone if !was_wanted => {
+                s.connection = ConnectionState::Connecting;
+            }
+            ConnectionState::Refused => {
                 s.connection = ConnectionState::Connecting;
                 s.last_error = None;
             }
+            _ => {}
         });
-        // (Wakes a node waiting after a refusal, too.)
-        self.wanted.send_replace(true);
     }
 
     /// Calls off a `connect --discard-my-data` that no session has used
@@ -629,12 +632,9 @@ impl Manager {
                     }
                     Err(PeerError::Refused(reason)) => {
                         tracing::error!(link = index, "{reason}");
-                        me.peer.set(|s| {
-                            if s.connection == ConnectionState::Connecting {
-                                s.connection = ConnectionState::Refused;
-                            }
-                            s.last_error = Some(reason);
-                        });
+                        // (Not shown as Refused: anyone who reaches the port
+                        // could make it so.)
+                        me.peer.set(|s| s.last_error = Some(reason));
                     }
                     Err(e) => tracing::debug!(link = index, error = %e, "link handshake failed"),
                 }
@@ -1181,7 +1181,15 @@ impl Manager {
                             &bits,
                         )
                         .map_err(PeerError::Wire)?,
-                        Message::State { .. } => break,
+                        // (Inconsistent now, as the target of this resync.)
+                        Message::State {
+                            role,
+                            disk_state,
+                            flags,
+                        } => {
+                            self.note_peer_state(role, disk_state, flags)?;
+                            break;
+                        }
                         other => {
                             return Err(PeerError::Wire(format!(
                                 "unexpected {other:?} before resync"
@@ -1381,27 +1389,7 @@ impl Manager {
                     role,
                     disk_state,
                     flags,
-                } => {
-                    // Both promoted at once: neither saw the other primary.
-                    match self.volume.note_peer_role(role == 1) {
-                        Err(e @ crate::Error::TwoPrimaries) => {
-                            return Err(PeerError::Refused(format!("{e}; disconnecting")))
-                        }
-                        noted => noted?,
-                    }
-                    self.peer.set(|s| {
-                        s.peer_role = Some(if role == 1 {
-                            Role::Primary
-                        } else {
-                            Role::Secondary
-                        });
-                        s.peer_disk_state = Some(if disk_state == STATE_DISKLESS {
-                            "Diskless".to_string()
-                        } else {
-                            disk_state_name(flags)
-                        });
-                    })
-                }
+                } => self.note_peer_state(role, disk_state, flags)?,
                 Message::Read { offset, len } => {
                     let answering = link.clone();
                     self.read_for_peer(link, &load, offset, len, move |read| async move {
@@ -1486,6 +1474,30 @@ impl Manager {
                 other => return Err(PeerError::Wire(format!("unexpected message {other:?}"))),
             }
         }
+    }
+
+    /// The peer's news of its role and disk state (`State`).
+    fn note_peer_state(&self, role: u8, disk_state: u8, flags: u32) -> Result<(), PeerError> {
+        // Both promoted at once: neither saw the other primary.
+        match self.volume.note_peer_role(role == 1) {
+            Err(e @ crate::Error::TwoPrimaries) => {
+                return Err(PeerError::Refused(format!("{e}; disconnecting")))
+            }
+            noted => noted?,
+        }
+        self.peer.set(|s| {
+            s.peer_role = Some(if role == 1 {
+                Role::Primary
+            } else {
+                Role::Secondary
+            });
+            s.peer_disk_state = Some(if disk_state == STATE_DISKLESS {
+                "Diskless".to_string()
+            } else {
+                disk_state_name(flags)
+            });
+        });
+        Ok(())
     }
 
     /// Reads a range for the peer (a diskless primary's read, a resync
