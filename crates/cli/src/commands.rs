@@ -342,7 +342,8 @@ pub async fn wait_sync(target: &Target, timeout_s: Option<u64>) -> anyhow::Resul
         match &bar {
             Some(bar) => {
                 bar.set_length(r.total_bytes);
-                bar.set_position(r.done_bytes);
+                // (Ranges written again during the resync count twice.)
+                bar.set_position(r.done_bytes.min(r.total_bytes));
                 bar.set_message(replication.clone());
             }
             None if last_line.elapsed() >= std::time::Duration::from_secs(5) => {
