@@ -615,6 +615,29 @@ async fn secondary_waits_for_a_client_that_has_just_gone() {
     assert!(res.disk_holds("alpha", 1 << 20, 4096, 7));
 }
 
+/// A diskless primary answers its peer's barriers (here the one `secondary`
+/// on the secondary sends to settle): it serves only through the session,
+/// which a refusal would end.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diskless_primary_answers_barriers() {
+    if !have("qemu-io") {
+        return;
+    }
+    let res = Resource::new();
+    let (_alpha, _beta) = synced_pair(&res);
+    let whole_disk = format!("fail-write=0-{DISK_BYTES},fail-read={DATA_OFFSET}-{DISK_BYTES}");
+    res.ok("alpha", &["fault", &whole_disk]);
+    res.qemu_io("alpha", &["write -P 0x33 0 64k"]);
+    assert_eq!(res.status("alpha")["disk_state"], "Diskless");
+    res.ok("beta", &["secondary"]);
+    let said = res.qemu_io("alpha", &["write -P 0x34 64k 64k"]);
+    assert!(!said.contains("failed"), "{said}");
+    let status = res.status("alpha");
+    assert_eq!(status["connection"], "Connected", "{status}");
+    assert!(res.disk_holds("beta", 64 << 10, 64 << 10, 0x34));
+}
+
 /// Protocol A: a write the client has heard of but the peer never
 /// answered is marked on disk when the node goes down, so the next
 /// connection copies it (the clean shutdown means no activity-log replay).

@@ -1232,7 +1232,8 @@ impl Volume {
         let (volume, link) = (self.clone(), link.clone());
         tokio::spawn(async move {
             link.barrier_due().await;
-            if !link.is_closed() {
+            // (A demotion or `disconnect` may have settled them meanwhile.)
+            if !link.is_closed() && link.holds_volatile() {
                 // A failure ends the session, which marks what is left.
                 let _ = volume.barrier(&link).await;
             }

@@ -1380,6 +1380,12 @@ impl Manager {
                         let _flush = flush;
                         let errno = match volume.flush_local().await {
                             Ok(()) => 0,
+                            // Without a disk, nothing the peer sent is held
+                            // here to lose (it went with the disk, which a
+                            // full copy replaces). A refusal would end the
+                            // session, and a diskless primary serves only
+                            // through it.
+                            Err(crate::Error::DiskFailed) => 0,
                             Err(e) => e.errno() as u32,
                         };
                         link.acknowledge(seq, AckKind::Written, errno).await;
